@@ -1,0 +1,649 @@
+"""Latent and text-embedding caches, built with Ray Data and keyed by everything that produced them.
+
+Layout under ``cache_root``::
+
+    latents/<key>/shard_00000.safetensors   one folder per (dataset images, resolution, crop, model)
+                  ...                        tensors "latents.<row>" [C, h, w] float32
+                  index.json                 written last (atomically): the folder is complete
+    text/<key>/shard_00000.safetensors      one folder per (unique captions, model, instruction, L)
+               ...                           "prompt_embeds" [n, L, C] float32, "prompt_attention_mask" [n, L] int64
+               index.json
+
+A latent key hashes the model fingerprint, resolution, crop, the pixel pipeline version and every
+image's (path, size, mtime); a text key hashes the model fingerprint, the instruction prefix,
+``max_sequence_length`` and the sorted unique captions. Change any of them and a new folder is
+built; change nothing and the folder is reused without starting Ray Data.
+
+Building splits a folder's items into shards of ``batch_size`` (deterministic order) and maps
+them through a pool of encoder actors with ``ray.data``: each actor loads its encoder once and
+writes each shard itself (``<name>.<pid>.tmp`` then ``os.replace``), so finished shards survive a
+kill and are not redone by the next build. Each shard records its items in its safetensors
+metadata; a shard whose items do not match (e.g. batch_size changed between builds) is rebuilt.
+
+Every node that runs encoder actors must see ``cache_root`` (and a local ``model_source``) at the
+same path: on a multi-node cluster that means shared storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from sana_ray.data.images import PIXELS_VERSION
+from sana_ray.data.samples import UNREADABLE, DataError, DatasetReport, Sample, discover_samples
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from sana_ray.data.sampler import BatchPlan
+    from sana_ray.manifest.schema import DatasetSpec, ModelSpec
+
+CACHE_FORMAT = 1
+INDEX_FILE = "index.json"
+KEY_LENGTH = 24  # hex characters of the sha256 used as the folder name
+ENCODE_DTYPE = "float32"  # encoders run and caches are stored in float32 (exact, reproducible)
+PROGRESS_INTERVAL_S = 5.0
+DECODE_THREADS = 8  # per encoder actor
+
+Progress = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Public types
+
+
+@dataclass
+class CacheSet:
+    """Where a run's cached tensors are, and which rows each training sample uses. Picklable.
+
+    Sample ``i`` uses latent ``latents_dir/entries[i][0]`` tensor ``latents.<entries[i][1]>``
+    and text row ``entries[i][2]`` of the text cache.
+    """
+
+    latents_dir: str  # <cache_root>/latents; entries name files inside it as "<key>/shard_XXXXX.safetensors"
+    text_dir: str  # <cache_root>/text/<key>
+    entries: list[tuple[str, int, int]]
+    datasets: list[str]  # per sample
+    captions: list[str]  # per sample
+    image_paths: list[str]  # per sample
+    repeats: list[int]  # per sample (its dataset's repeats)
+    buckets: list[int]  # per sample: index into bucket_shapes
+    bucket_shapes: list[tuple[int, ...]]  # latent shape [C, h, w] of each bucket
+    text_shape: tuple[int, int]  # (L, C) of prompt_embeds rows
+    latent_dirs: list[str] = field(default_factory=list)  # one per dataset, for messages
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def batch_plan(self, batch_size: int, world_size: int, seed: int) -> "BatchPlan":
+        from sana_ray.data.sampler import BatchPlan
+
+        return BatchPlan(self.buckets, self.repeats, batch_size=batch_size, world_size=world_size, seed=seed)
+
+
+@dataclass
+class CachedData:
+    """All of a run's cached tensors, in memory (what a training worker trains from)."""
+
+    latents: list["torch.Tensor"]  # per bucket: [n_b, C, h, w]
+    latent_rows: "torch.Tensor"  # per sample: row in its bucket's tensor (int64)
+    buckets: list[int]  # per sample
+    prompt_embeds: "torch.Tensor"  # [T, L, C], one row per unique caption
+    prompt_attention_mask: "torch.Tensor"  # [T, L] int64
+    text_rows: "torch.Tensor"  # per sample: row in prompt_embeds (int64)
+    datasets: list[str]
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def batch(self, indices: list[int]) -> dict[str, "torch.Tensor"]:
+        """Stacked tensors for these samples (which must share a bucket, as BatchPlan batches do)."""
+        import torch
+
+        if not indices:
+            raise ValueError("empty batch")
+        bucket = self.buckets[indices[0]]
+        if any(self.buckets[i] != bucket for i in indices):
+            raise ValueError(f"samples {indices} have different latent shapes; batch within a bucket (BatchPlan does)")
+        index = torch.as_tensor(indices, dtype=torch.long)
+        text = self.text_rows[index]
+        return {
+            "latents": self.latents[bucket][self.latent_rows[index]],
+            "prompt_embeds": self.prompt_embeds[text],
+            "prompt_attention_mask": self.prompt_attention_mask[text],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _digest(material: Any) -> str:
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH]
+
+
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_index(folder: Path, kind: str) -> dict | None:
+    try:
+        index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if index.get("format") != CACHE_FORMAT or index.get("kind") != kind:
+        return None
+    if not all((folder / name).is_file() for name in index.get("shards", [])):
+        return None
+    return index
+
+
+def _shard_header(path: Path, items: list[str]) -> tuple[dict[str, list[int]], dict[str, str]] | None:
+    """(tensor shapes, {row: error} of images that failed to load) of a finished shard whose
+    recorded items equal ``items``; None if it is absent, stale or damaged (it is then rebuilt)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if json.loads(metadata.get("items", "null")) != items:
+                return None
+            shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return shapes, json.loads(metadata.get("failed", "{}"))
+    except Exception:  # truncated or foreign file: rebuild it
+        return None
+
+
+@dataclass
+class _Folder:
+    """One cache folder to reuse or build."""
+
+    kind: str  # "text" or "latents"
+    label: str  # for progress lines
+    key: str
+    path: Path
+    items: list[str]  # captions or image paths, in row order
+    shard_size: int
+    params: dict[str, Any]  # latents: resolution, crop
+    index: dict | None = None  # set once complete
+    todo: list[int] = field(default_factory=list)  # shard numbers to encode
+
+    def shard_items(self, shard: int) -> list[str]:
+        return self.items[shard * self.shard_size : (shard + 1) * self.shard_size]
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.items) // self.shard_size)
+
+
+# --------------------------------------------------------------------------------------------
+# The encoder actor (runs inside Ray Data)
+
+
+class _ShardEncoder:
+    """Ray Data actor: encodes and writes one shard per row; loads each encoder once, when first needed.
+
+    One pool serves both caches (text shards are queued first), so a build pays for one actor
+    start-up (imports, model loading) rather than one per cache. The model settings travel in
+    each row (a few KB), so the class needs no constructor arguments.
+    """
+
+    def __init__(self) -> None:
+        self.encoders: dict[str, Any] = {}
+
+    def _encoder(self, kind: str, model: dict):
+        import torch
+
+        key = json.dumps([kind, model], sort_keys=True)
+        cached = self.encoders.get(key)
+        if isinstance(cached, Exception):
+            raise cached  # loading failed for an earlier shard: fail this one fast too
+        if cached is not None:
+            return cached
+        device = torch.device("cuda" if model["use_gpu"] and torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, ENCODE_DTYPE)
+        try:
+            if kind == "text":
+                from sana_ray.model.text import PromptEncoder
+
+                encoder = PromptEncoder.from_pretrained(
+                    model["source"],
+                    device=device,
+                    dtype=dtype,
+                    instruction=model["instruction"],
+                    max_sequence_length=model["max_sequence_length"],
+                    revision=model["revision"],
+                    variant=model["variant"],
+                    trust_remote_code=model["trust_remote_code"],
+                )
+            else:
+                from sana_ray.model.latents import LatentEncoder
+
+                encoder = LatentEncoder.from_pretrained(
+                    model["source"], device=device, dtype=dtype, revision=model["revision"], variant=model["variant"]
+                )
+        except Exception as error:
+            what = "text encoder" if kind == "text" else "VAE"
+            failure = RuntimeError(f"cannot load the {what} from {model['source']}: {type(error).__name__}: {error}")
+            self.encoders[key] = failure
+            raise failure from error
+        self.encoders[key] = (encoder, device, dtype)
+        return self.encoders[key]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        results = []
+        for text in batch["job"]:
+            job = json.loads(str(text))
+            try:
+                result = self._encode_shard(job)
+            except Exception as error:
+                # Returned, not raised: Ray Data would bury the message under its own traceback,
+                # and the other shards still get written (a rerun then has less to do).
+                message = f"{type(error).__name__}: {error}".strip()
+                result = {"folder": job["folder"], "shard": job["shard"], "count": 0, "error": message[:2000]}
+            results.append(json.dumps(result))
+        return {"result": np.array(results, dtype=object)}
+
+    def _encode_shard(self, job: dict) -> dict:
+        import torch
+        from safetensors.torch import save_file
+
+        items: list[str] = job["items"]
+        tensors: dict[str, torch.Tensor] = {}
+        failed: dict[str, str] = {}  # row -> why its image could not be loaded
+        encoder, device, dtype = self._encoder(job["kind"], job["model"])
+        with torch.inference_mode():
+            if job["kind"] == "text":
+                embeds, mask = encoder.encode(items)
+                tensors["prompt_embeds"] = embeds.to("cpu", torch.float32).contiguous()
+                tensors["prompt_attention_mask"] = mask.to("cpu", torch.int64).contiguous()
+            else:
+                from sana_ray.data.images import load_pixels
+
+                def load(path: str) -> torch.Tensor | str:
+                    try:
+                        return load_pixels(path, job["resolution"], job["crop"])
+                    except Exception as error:  # e.g. a truncated JPEG (PIL's verify() cannot tell)
+                        return f"{type(error).__name__}: {error}"
+
+                # PIL decodes and resizes without the GIL: load the shard's images in parallel.
+                with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(items))) as pool:
+                    loaded = list(pool.map(load, items))
+                groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+                for row, pixels in enumerate(loaded):
+                    if isinstance(pixels, str):
+                        failed[str(row)] = pixels
+                    else:
+                        groups.setdefault(tuple(pixels.shape), []).append((row, pixels))
+                for members in groups.values():  # one forward per shape (no-crop shards can mix shapes)
+                    pixels = torch.stack([p for _, p in members]).to(device, dtype)
+                    latents = encoder.encode(pixels).to("cpu", torch.float32)
+                    for (row, _), latent in zip(members, latents):
+                        tensors[f"latents.{row}"] = latent.contiguous()
+        final = Path(job["path"])
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+        metadata = {"items": json.dumps(items, ensure_ascii=False), "failed": json.dumps(failed), "format": str(CACHE_FORMAT)}
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, final)
+        return {"folder": job["folder"], "shard": job["shard"], "count": len(items)}
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+def _plan_text(samples: list[Sample], fingerprint: str, model: "ModelSpec", instruction: list[str] | None, root: Path, shard_size: int) -> _Folder:
+    captions = sorted({s.caption for s in samples})
+    key = _digest(
+        {
+            "format": CACHE_FORMAT,
+            "kind": "text",
+            "model": fingerprint,
+            "variant": model.variant,
+            "dtype": ENCODE_DTYPE,
+            "instruction": instruction,
+            "max_sequence_length": model.max_sequence_length,
+            "captions": captions,
+        }
+    )
+    return _Folder("text", "text embeddings", key, root / "text" / key, captions, shard_size, {})
+
+
+def _plan_latents(dataset: "DatasetSpec", samples: list[Sample], fingerprint: str, model: "ModelSpec", root: Path, shard_size: int) -> _Folder:
+    paths = [s.image_path for s in samples]
+    files = []
+    for path in paths:
+        stat = os.stat(path)
+        files.append([path, stat.st_size, stat.st_mtime_ns])
+    key = _digest(
+        {
+            "format": CACHE_FORMAT,
+            "kind": "latents",
+            "pixels": PIXELS_VERSION,
+            "model": fingerprint,
+            "variant": model.variant,
+            "dtype": ENCODE_DTYPE,
+            "resolution": dataset.resolution,
+            "crop": dataset.crop,
+            "images": files,
+        }
+    )
+    params = {"resolution": dataset.resolution, "crop": dataset.crop}
+    return _Folder("latents", f"latents {dataset.name}", key, root / "latents" / key, paths, shard_size, params)
+
+
+def _check_folder(folder: _Folder, say: Progress) -> None:
+    """Reuse a complete folder, or list the shards that still need encoding."""
+    index = _read_index(folder.path, folder.kind)
+    unit = "captions" if folder.kind == "text" else "images"
+    if index is not None and index.get("items_count") == len(folder.items):
+        folder.index = index
+        say(f"reusing {folder.label} cache {folder.path} ({len(folder.items)} {unit})")
+        return
+    folder.path.mkdir(parents=True, exist_ok=True)
+    folder.todo = [s for s in range(folder.num_shards) if _shard_header(folder.path / _shard_name(s), folder.shard_items(s)) is None]
+    done = len(folder.items) - sum(len(folder.shard_items(s)) for s in folder.todo)
+    if done:
+        say(f"{folder.label}: {done}/{len(folder.items)} {unit} already cached in {folder.path}, encoding the rest")
+
+
+def _finish_folder(folder: _Folder) -> None:
+    """Check every shard and write index.json (last, atomically): the folder is then complete."""
+    shards, items, shape = [], [], None
+    for s in range(folder.num_shards):
+        name = _shard_name(s)
+        expected = folder.shard_items(s)
+        header = _shard_header(folder.path / name, expected)
+        if header is None:
+            raise DataError(f"{folder.label}: shard {folder.path / name} is missing or incomplete after the build; rerun to rebuild it")
+        shards.append(name)
+        shapes, failed = header
+        if folder.kind == "text":
+            shape = shapes["prompt_embeds"][1:]
+        else:
+            for row, path in enumerate(expected):
+                if str(row) in failed:
+                    items.append({"path": path, "shard": name, "row": row, "error": failed[str(row)]})
+                else:
+                    items.append({"path": path, "shard": name, "row": row, "shape": shapes[f"latents.{row}"]})
+    index: dict[str, Any] = {
+        "format": CACHE_FORMAT,
+        "kind": folder.kind,
+        "key": folder.key,
+        "items_count": len(folder.items),
+        "shard_size": folder.shard_size,
+        "shards": shards,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **folder.params,
+    }
+    if folder.kind == "text":
+        index["captions"] = folder.items
+        index["shape"] = shape
+    else:
+        index["items"] = items
+    _write_json_atomic(folder.path / INDEX_FILE, index)
+    folder.index = index
+
+
+def _run_encoders(folders: list[_Folder], model: dict, num_actors: int, use_gpu: bool, say: Progress) -> None:
+    """Encode every folder's missing shards with one Ray Data actor pool."""
+    import ray
+
+    jobs = []
+    for number, folder in enumerate(folders):
+        for shard in folder.todo:
+            job = {
+                "kind": folder.kind,
+                "model": model,
+                "folder": number,
+                "shard": shard,
+                "path": str(folder.path / _shard_name(shard)),
+                "items": folder.shard_items(shard),
+                **folder.params,
+            }
+            jobs.append({"job": json.dumps(job, ensure_ascii=False)})
+    if not jobs:
+        return
+    resources = ray.cluster_resources()
+    if use_gpu:
+        gpus = int(resources.get("GPU", 0))
+        if gpus < 1:
+            raise DataError("use_gpu is set but the Ray cluster has no GPU; set hardware.use_gpu: false or join a cluster with GPUs")
+        actors = max(1, min(num_actors, len(jobs), gpus))
+    else:
+        # A fixed-size pool larger than the cluster would wait for CPUs that never come.
+        actors = max(1, min(num_actors, len(jobs), int(resources.get("CPU", 1))))
+
+    # One row (one block) per shard, so that the shards spread over the actor pool.
+    dataset = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
+        _ShardEncoder,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+    )
+    done = [len(f.items) - sum(len(f.shard_items(s)) for s in f.todo) for f in folders]
+    last_said = [0.0] * len(folders)
+    errors: list[str] = []
+    try:
+        for row in dataset.iter_rows():
+            result = json.loads(row["result"])
+            number = result["folder"]
+            folder = folders[number]
+            if "error" in result:
+                errors.append(f"{folder.label} shard {result['shard']}: {result['error']}")
+                continue
+            done[number] += result["count"]
+            now = time.monotonic()
+            # A line per shard would flood a large build: at most one per folder every few seconds, and the last.
+            if done[number] == len(folder.items) or now - last_said[number] >= PROGRESS_INTERVAL_S:
+                last_said[number] = now
+                unit = "captions" if folder.kind == "text" else "images"
+                say(f"{folder.label}: {done[number]}/{len(folder.items)} {unit}")
+    except Exception as error:  # an actor died (e.g. out of memory): Ray's message, without its traceback
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        raise DataError(
+            f"building the caches failed: {lines[-1] if lines else repr(error)}. "
+            f"Finished shards are kept; running again continues from them."
+        ) from error
+    if errors:
+        raise DataError(
+            f"building the caches failed for {len(errors)} of {len(jobs)} shards; the first: {errors[0].rstrip('. ')}. "
+            f"Finished shards are kept; running again continues from them."
+        )
+
+
+def build_caches(
+    datasets: list["DatasetSpec"],
+    *,
+    model_source: str,
+    model: "ModelSpec",
+    cache_root: Path,
+    num_actors: int = 1,
+    batch_size: int = 8,
+    progress: Progress | None = print,
+    use_gpu: bool = False,
+) -> tuple[CacheSet, list[DatasetReport]]:
+    """Find every dataset's samples, reuse or build their caches, and say where everything is.
+
+    ``model_source`` is what the encoders load (a local diffusers folder or a hub id); ``model``
+    supplies revision, variant, max_sequence_length and the instruction-prefix switch.
+    """
+    from sana_ray.model.loading import model_fingerprint
+    from sana_ray.model.text import DEFAULT_INSTRUCTION
+
+    say: Progress = progress or (lambda _line: None)
+    if batch_size < 1 or num_actors < 1:
+        raise ValueError(f"batch_size and num_actors must be >= 1 (got {batch_size}, {num_actors})")
+    root = Path(cache_root).expanduser().resolve()
+    fingerprint = model_fingerprint(model_source, model.revision)
+    instruction = DEFAULT_INSTRUCTION if model.use_instruction_prefix else None
+
+    found: list[tuple["DatasetSpec", list[Sample]]] = []
+    reports: list[DatasetReport] = []
+    for dataset in datasets:
+        samples, report = discover_samples(dataset)
+        found.append((dataset, samples))
+        reports.append(report)
+        say(report.summary())
+    all_samples = [s for _, samples in found for s in samples]
+
+    text = _plan_text(all_samples, fingerprint, model, instruction, root, batch_size)
+    latent_folders: dict[str, _Folder] = {}
+    dataset_folders: list[_Folder] = []
+    for dataset, samples in found:
+        folder = _plan_latents(dataset, samples, fingerprint, model, root, batch_size)
+        folder = latent_folders.setdefault(folder.key, folder)  # identical datasets share one folder
+        dataset_folders.append(folder)
+
+    pending: list[_Folder] = []
+    for folder in [text, *latent_folders.values()]:  # text first: its shards are queued first
+        _check_folder(folder, say)
+        if folder.index is None:
+            pending.append(folder)
+
+    if any(f.todo for f in pending):
+        from sana_ray.launch.ray_cluster import ensure_ray
+
+        ensure_ray()
+        model_settings = {
+            "source": model_source,
+            "revision": model.revision,
+            "variant": model.variant,
+            "trust_remote_code": model.trust_remote_code,
+            "instruction": instruction,
+            "max_sequence_length": model.max_sequence_length,
+            "use_gpu": use_gpu,
+        }
+        started = time.monotonic()
+        _run_encoders([f for f in pending if f.todo], model_settings, num_actors, use_gpu, say)
+        say(f"caches built in {time.monotonic() - started:.1f} s")
+    for folder in pending:
+        _finish_folder(folder)
+
+    return _cache_set(root, text, found, dataset_folders, reports, say), reports
+
+
+def _cache_set(
+    root: Path,
+    text: _Folder,
+    found: list[tuple["DatasetSpec", list[Sample]]],
+    dataset_folders: list[_Folder],
+    reports: list[DatasetReport],
+    say: Progress,
+) -> CacheSet:
+    assert text.index is not None
+    text_row = {caption: row for row, caption in enumerate(text.index["captions"])}
+    entries: list[tuple[str, int, int]] = []
+    buckets: list[int] = []
+    shapes: dict[tuple[int, ...], int] = {}
+    names, captions, paths, repeats = [], [], [], []
+    for (dataset, samples), folder, report in zip(found, dataset_folders, reports):
+        assert folder.index is not None
+        where = {item["path"]: item for item in folder.index["items"]}
+        for sample in samples:
+            item = where[sample.image_path]
+            if "error" in item:  # the image passed discovery but could not be decoded
+                report.skip(UNREADABLE, sample.image_path)
+                report.used -= 1
+                say(f"{dataset.name}: skipping unreadable {sample.image_path} ({item['error']})")
+                continue
+            entries.append((f"{folder.key}/{item['shard']}", item["row"], text_row[sample.caption]))
+            buckets.append(shapes.setdefault(tuple(item["shape"]), len(shapes)))
+            names.append(sample.dataset)
+            captions.append(sample.caption)
+            paths.append(sample.image_path)
+            repeats.append(dataset.repeats)
+        if report.used == 0:
+            raise DataError(f"dataset '{dataset.name}': none of its images could be decoded ({report.summary()})")
+    return CacheSet(
+        latents_dir=str(root / "latents"),
+        text_dir=str(text.path),
+        entries=entries,
+        datasets=names,
+        captions=captions,
+        image_paths=paths,
+        repeats=repeats,
+        buckets=buckets,
+        bucket_shapes=list(shapes),
+        text_shape=tuple(text.index["shape"]),
+        latent_dirs=[str(f.path) for f in dataset_folders],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading (in a training worker)
+
+
+def load_cache(cache: CacheSet) -> CachedData:
+    """Read a CacheSet's tensors into memory (latents grouped by shape, one text row per caption)."""
+    import torch
+    from safetensors.torch import load_file
+
+    text_dir = Path(cache.text_dir)
+    index = _read_index(text_dir, "text")
+    if index is None:
+        raise DataError(f"text cache {text_dir} is missing or incomplete; run the cache build again")
+    prompt_embeds = torch.empty(index["items_count"], *index["shape"], dtype=torch.float32)
+    prompt_mask = torch.empty(index["items_count"], index["shape"][0], dtype=torch.int64)
+    start = 0
+    for name in index["shards"]:  # one shard in memory at a time
+        part = load_file(str(text_dir / name))
+        end = start + part["prompt_embeds"].shape[0]
+        prompt_embeds[start:end] = part["prompt_embeds"]
+        prompt_mask[start:end] = part["prompt_attention_mask"]
+        start = end
+
+    # Place each distinct latent (two datasets may share a folder) in its bucket's tensor,
+    # allocated up front and filled one shard file at a time: peak memory ~ one copy of the latents.
+    latents_dir = Path(cache.latents_dir)
+    placed: dict[tuple[str, int], int] = {}  # (file, row) -> row in its bucket's tensor
+    counts = [0] * len(cache.bucket_shapes)
+    latent_rows: list[int] = []
+    for (file, row, _), bucket in zip(cache.entries, cache.buckets):
+        if (file, row) not in placed:
+            placed[(file, row)] = counts[bucket]
+            counts[bucket] += 1
+        latent_rows.append(placed[(file, row)])
+    latents = [torch.empty(n, *shape, dtype=torch.float32) for n, shape in zip(counts, cache.bucket_shapes)]
+    bucket_of = {(file, row): bucket for (file, row, _), bucket in zip(cache.entries, cache.buckets)}
+    by_file: dict[str, list[int]] = {}
+    for file, row in placed:
+        by_file.setdefault(file, []).append(row)
+    for file in sorted(by_file):
+        path = latents_dir / file
+        if not path.is_file():
+            raise DataError(f"latent cache shard {path} is missing; run the cache build again")
+        tensors = load_file(str(path))
+        for row in by_file[file]:
+            latents[bucket_of[(file, row)]][placed[(file, row)]] = tensors[f"latents.{row}"]
+
+    return CachedData(
+        latents=latents,
+        latent_rows=torch.tensor(latent_rows, dtype=torch.long),
+        buckets=list(cache.buckets),
+        prompt_embeds=prompt_embeds,
+        prompt_attention_mask=prompt_mask,
+        text_rows=torch.tensor([e[2] for e in cache.entries], dtype=torch.long),
+        datasets=list(cache.datasets),
+        captions=list(cache.captions),
+    )

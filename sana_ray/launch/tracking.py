@@ -1,0 +1,125 @@
+"""MLflow: one run per training run, written through ``MlflowClient`` with an explicit run id.
+
+The driver creates (or, on resume, reopens) the run and logs params and the resolved manifest;
+rank 0 of the Ray Train workers logs per-step metrics and validation images into the same run
+by id. An explicit id, not ``mlflow.start_run``'s process-global active run, is what lets a
+worker process on another node write into the driver's run.
+
+Credentials never come from the manifest: MLflow reads ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN`` from the environment itself, and
+``redact_uri`` keeps any user-info out of what we print or log.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    """The store used when the manifest names none: a SQLite file beside the runs."""
+    return f"{SQLITE_PREFIX}{(output_dir / 'mlflow.db').resolve()}"
+
+
+def redact_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """For a SQLite store, artifacts live in a folder beside the database file (not in the CWD)."""
+    if tracking_uri.startswith(SQLITE_PREFIX):
+        db = Path(tracking_uri[len(SQLITE_PREFIX) :])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith(SQLITE_PREFIX):
+        Path(tracking_uri[len(SQLITE_PREFIX) :]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(mlflow_client, name: str, tracking_uri: str) -> str:
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=local_artifact_root(tracking_uri))
+
+
+def open_run(
+    tracking_uri: str,
+    *,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, str],
+    resume_run_id: str | None = None,
+) -> str:
+    """Reopen ``resume_run_id`` if it still exists, else create a run. Returns its id."""
+    mlflow_client = client(tracking_uri)
+    if resume_run_id:
+        try:
+            run = mlflow_client.get_run(resume_run_id)
+            if run.info.lifecycle_stage == "active":
+                mlflow_client.update_run(resume_run_id, status="RUNNING")
+                return resume_run_id
+        except Exception:  # deleted store or run: fall through to a new run
+            pass
+    exp_id = experiment_id(mlflow_client, experiment, tracking_uri)
+    run = mlflow_client.create_run(exp_id, run_name=run_name, tags=tags)
+    log_params(mlflow_client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        mlflow_client.log_batch(run_id, params=items[start : start + 100])
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """status: FINISHED, FAILED or KILLED."""
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """Metrics and artifacts into one MLflow run; used by rank 0 inside the train loop."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.run_id = run_id
+        self._client = client(tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        self._client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key)]
+
+
+def redact_text(text: str) -> str:
+    """Mask user-info in any URI inside ``text`` (for messages and logs)."""
+    return re.sub(r"(\b[a-z+]+://)[^/@\s]+@", r"\1***@", text)
