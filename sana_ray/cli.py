@@ -82,8 +82,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args)
     if args.host != LOOPBACK:
         print(f"warning: the MLflow UI will listen on {args.host}; MLflow has no authentication here", file=sys.stderr)
+    # One worker: a UI for one person; MLflow's default of 4 workers costs 4 imports of MLflow.
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", args.host, "--port", str(args.port)]
+               "--host", args.host, "--port", str(args.port), "--workers", "1"]
     artifacts = local_artifact_root(uri)
     if artifacts:
         command += ["--default-artifact-root", artifacts]

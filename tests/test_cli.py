@@ -90,7 +90,7 @@ def test_ui_serves_mlflow_on_loopback_and_stops_cleanly(tmp_path):
                                start_new_session=True)
     try:
         assert f"http://127.0.0.1:{port}" in process.stdout.readline() + process.stdout.readline() + process.stdout.readline()
-        deadline = time.time() + 90
+        deadline = time.time() + 240  # 7-13 s on an idle 2-core machine; minutes when it is busy
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
@@ -98,7 +98,7 @@ def test_ui_serves_mlflow_on_loopback_and_stops_cleanly(tmp_path):
                     break
             except OSError:
                 assert process.poll() is None, "sana-ray ui exited"
-                assert time.time() < deadline, "MLflow UI did not answer within 90 s"
+                assert time.time() < deadline, "MLflow UI did not answer within 240 s"
                 time.sleep(0.5)
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         if listening:  # ss may be missing on a minimal machine
