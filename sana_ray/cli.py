@@ -30,22 +30,59 @@ def _load(path: str, overrides: list[str]):
         raise SystemExit(1) from None
 
 
+def _load_any(path: str, overrides: list[str]):
+    """Like _load, for either kind of manifest: a TrainingRun Manifest or a Sweep."""
+    from sana_ray.manifest import ManifestError, load_document
+
+    try:
+        return load_document(path, overrides)
+    except ManifestError as error:
+        print(str(error), file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _is_sweep(document) -> bool:
+    return getattr(document, "kind", None) == "Sweep"
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from sana_ray.manifest import dump_manifest
 
-    manifest = _load(args.manifest, args.overrides)
+    manifest = _load_any(args.manifest, args.overrides)
+    if getattr(args, "data", False):
+        return _validate_data(manifest.template_manifest() if _is_sweep(manifest) else manifest, args.manifest)
     print(dump_manifest(manifest), end="")
     print(f"# {args.manifest}: valid", file=sys.stderr)
     return 0
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
-    manifest = _load(args.manifest, args.overrides)
+def _validate_data(manifest, path: str) -> int:
+    """`validate --data`: discover every dataset and print the per-dataset table (no caches, torch or Ray)."""
     from sana_ray.data.sampler import SamplerError
-    from sana_ray.data.samples import DataError
-    from sana_ray.launch.apply import apply
+    from sana_ray.data.samples import DataError, discover_datasets
+    from sana_ray.launch.report import print_discovery_report
 
     try:
+        print_discovery_report(discover_datasets(manifest.spec.datasets), manifest.spec)
+    except (DataError, SamplerError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"# {path}: valid; data checked", file=sys.stderr)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    manifest = _load_any(args.manifest, args.overrides)
+    from sana_ray.data.sampler import SamplerError
+    from sana_ray.data.samples import DataError
+
+    try:
+        if _is_sweep(manifest):
+            from sana_ray.launch.sweep import apply_sweep
+
+            return apply_sweep(manifest, restart=args.restart)
+        from sana_ray.launch.apply import apply
+
         return apply(manifest, restart=args.restart)
     except (DataError, SamplerError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -64,14 +101,30 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Memory, step time and communication per GPU for a manifest (pure arithmetic: no torch, no Ray)."""
+    manifest = _load(args.manifest, args.overrides)
+    from sana_ray.plan import PlanError, make_plan, render
+
+    try:
+        plan = make_plan(manifest, profile=args.profile, model=args.model, strategy=args.strategy,
+                         mfu=args.mfu, max_comm_fraction=args.max_comm)
+    except PlanError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    render(plan)
+    return 0
+
+
 def _tracking_uri(args: argparse.Namespace) -> str:
     if args.store:
         return args.store
     if args.manifest:
-        manifest = _load(args.manifest, [])
+        manifest = _load_any(args.manifest, [])
         from sana_ray.launch.tracking import default_tracking_uri
 
-        return manifest.spec.tracking.mlflow_tracking_uri or default_tracking_uri(manifest.spec.output.dir)
+        spec = manifest.spec.template if _is_sweep(manifest) else manifest.spec
+        return spec.tracking.mlflow_tracking_uri or default_tracking_uri(spec.output.dir)
     default = Path("runs") / "mlflow.db"
     return f"sqlite:///{default.resolve()}"
 
@@ -104,6 +157,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from sana_ray.launch.runs import show
+
+    return show(_tracking_uri(args), args.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sana-ray",
@@ -114,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sana-ray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("apply", help="train what a manifest describes (resumes an interrupted run)")
+    p = commands.add_parser("apply", help="train what a manifest describes, or run its sweep (resumes an interrupted one)")
     p.add_argument("manifest")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--restart", action="store_true", help="start a new attempt even if the manifest is unchanged")
@@ -123,7 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("validate", help="print the resolved manifest (defaults filled) or its errors")
     p.add_argument("manifest")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--data", action="store_true", help="also find every dataset's images and captions and print what "
+                   "would be used, skipped (and why) and bucketed, without building caches")
     p.set_defaults(func=cmd_validate)
+
+    p = commands.add_parser("plan", help="predict memory, step time and communication per GPU (no GPU needed)")
+    p.add_argument("manifest")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--profile", help="size against this GPU profile instead of hardware.profile "
+                   "(rtx4090, a6000, l40s, a100-40g, a100-80g, h100, cpu)")
+    p.add_argument("--model", help="transformer size when model.pretrained does not tell: sana-600m, sana-1600m, tiny")
+    p.add_argument("--strategy", help="auto (the fastest that fits) or ddp, zero1, zero2, zero2-offload, zero3, "
+                   "zero3-offload, zero3-offload-all (default: hardware.strategy)")
+    p.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation (default 0.35)")
+    p.add_argument("--max-comm", type=float, default=0.2,
+                   help="fraction of the step communication may take; plan says what accumulation gets there (default 0.2)")
+    p.set_defaults(func=cmd_plan)
 
     p = commands.add_parser("schema", help="write the manifest's JSON Schema (for editor completion)")
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
@@ -135,11 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=LOOPBACK, help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = commands.add_parser("runs", help="compare runs in MLflow: the trials of sweep NAME (values, metric, steps, "
+                            "status), or every run")
+    p.add_argument("name", nargs="?", help="a sweep (or run) name; default: list the runs")
+    p.add_argument("-f", "--manifest", help="manifest whose tracking store to read (default: ./runs/mlflow.db)")
+    p.add_argument("--store", help="an MLflow tracking URI instead of a manifest's")
+    p.set_defaults(func=cmd_runs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting a positional list at the first option, so overrides written after
+    # an option (`apply m.yaml --restart training.steps=5`) arrive here: keep them in order.
+    overrides = [token for token in extra if "=" in token and not token.startswith("-")]
+    if hasattr(args, "overrides") and overrides:
+        args.overrides = list(args.overrides) + overrides
+        extra = [token for token in extra if token not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

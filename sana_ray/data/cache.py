@@ -9,12 +9,16 @@ Layout under ``cache_root``::
                ...                           "prompt_embeds" [n, L, C] float32, "prompt_attention_mask" [n, L] int64
                index.json
 
-A latent key hashes the model fingerprint, resolution, crop, the pixel pipeline version and every
-image's (path, size, mtime); a text key hashes the model fingerprint, the instruction prefix,
-``max_sequence_length`` and the sorted unique captions. Change any of them and a new folder is
+A latent key hashes the model fingerprint, the pixel pipeline version and every image's (path,
+size, mtime, geometry) -- the geometry (downsample, resize, crop box) is planned at discovery from
+all of the dataset's pixel options, so resolution, resolution_type, crop, crop_style, crop_aspect
+and the size limits are all in the key; a text key hashes the model fingerprint, the instruction
+prefix, ``max_sequence_length`` and the sorted unique captions (plus ``""``, the empty prompt,
+encoded as SanaPipeline encodes ``negative_prompt=""``, when a dataset uses caption dropout). Change any of them and a new folder is
 built; change nothing and the folder is reused without starting Ray Data.
 
-Building splits a folder's items into shards of ``batch_size`` (deterministic order) and maps
+Building splits a folder's items into shards (``vae_batch_size`` images or the text store's
+``write_batch_size`` captions; default ``batch_size``; deterministic order) and maps
 them through a pool of encoder actors with ``ray.data``: each actor loads its encoder once and
 writes each shard itself (``<name>.<pid>.tmp`` then ``os.replace``), so finished shards survive a
 kill and are not redone by the next build. Each shard records its items in its safetensors
@@ -35,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from sana_ray.data.images import PIXELS_VERSION
-from sana_ray.data.samples import UNREADABLE, DataError, DatasetReport, Sample, discover_samples
+from sana_ray.data.images import PIXELS_VERSION, PixelOptions
+from sana_ray.data.samples import UNREADABLE, DataError, DatasetReport, Sample, discover_datasets, text_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -45,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sana_ray.manifest.schema import DatasetSpec, ModelSpec
 
 CACHE_FORMAT = 1
+EMPTY_PROMPT = ""  # the caption-dropout row: encoded without the instruction prefix, like negative_prompt=""
 INDEX_FILE = "index.json"
 KEY_LENGTH = 24  # hex characters of the sha256 used as the folder name
 ENCODE_DTYPE = "float32"  # encoders run and caches are stored in float32 (exact, reproducible)
@@ -77,14 +82,27 @@ class CacheSet:
     bucket_shapes: list[tuple[int, ...]]  # latent shape [C, h, w] of each bucket
     text_shape: tuple[int, int]  # (L, C) of prompt_embeds rows
     latent_dirs: list[str] = field(default_factory=list)  # one per dataset, for messages
+    caption_rows: list[tuple[int, ...]] = field(default_factory=list)  # per sample: text rows of every caption choice
+    dropout: list[float] = field(default_factory=list)  # per sample: caption dropout probability
+    null_text_row: int | None = None  # text row of the empty prompt (present when any dropout > 0)
+    weights: list[float] = field(default_factory=list)  # per sample: its dataset's probability
+    groups: list[int] = field(default_factory=list)  # per sample: its dataset's number
+    regularisation: list[bool] = field(default_factory=list)  # per sample
+    eval_sets: dict[str, "CacheSet"] = field(default_factory=dict)  # dataset_type eval datasets, by name (never trained on)
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def bucket_labels(self) -> list[str]:
+        return ["latent " + "x".join(map(str, shape)) for shape in self.bucket_shapes]
+
     def batch_plan(self, batch_size: int, world_size: int, seed: int) -> "BatchPlan":
         from sana_ray.data.sampler import BatchPlan
 
-        return BatchPlan(self.buckets, self.repeats, batch_size=batch_size, world_size=world_size, seed=seed)
+        return BatchPlan(
+            self.buckets, self.repeats, batch_size=batch_size, world_size=world_size, seed=seed,
+            weights=self.weights or None, groups=self.groups or None, bucket_labels=self.bucket_labels(),
+        )
 
 
 @dataclass
@@ -99,12 +117,37 @@ class CachedData:
     text_rows: "torch.Tensor"  # per sample: row in prompt_embeds (int64)
     datasets: list[str]
     captions: list[str]
+    caption_rows: list[tuple[int, ...]] = field(default_factory=list)  # per sample: every caption choice
+    dropout: list[float] = field(default_factory=list)  # per sample
+    null_text_row: int | None = None
 
     def __len__(self) -> int:
         return len(self.buckets)
 
-    def batch(self, indices: list[int]) -> dict[str, "torch.Tensor"]:
-        """Stacked tensors for these samples (which must share a bucket, as BatchPlan batches do)."""
+    def text_rows_for(self, indices: list[int], key: Any) -> "torch.Tensor":
+        """Text rows of these samples for draw ``key``: the empty prompt with each sample's dropout
+        probability, else one of its captions; a pure function of (key, position, sample)."""
+        import torch
+
+        digest = hashlib.sha256(f"sana-ray-captions:{json.dumps(key, default=str)}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+        draws = torch.rand(len(indices), 2, generator=generator, dtype=torch.float64).tolist()
+        rows = []
+        for i, (drop, pick) in zip(indices, draws):
+            choices = self.caption_rows[i] if self.caption_rows else (int(self.text_rows[i]),)
+            if self.dropout and self.null_text_row is not None and drop < self.dropout[i]:
+                rows.append(self.null_text_row)
+            else:
+                rows.append(choices[min(int(pick * len(choices)), len(choices) - 1)])
+        return torch.as_tensor(rows, dtype=torch.long)
+
+    def batch(self, indices: list[int], key: Any = None) -> dict[str, "torch.Tensor"]:
+        """Stacked tensors for these samples (which must share a bucket, as BatchPlan batches do).
+
+        ``key`` (e.g. ``(seed, rank, micro_batch)``): draw each sample's caption among its choices
+        and apply caption dropout, deterministically per key. ``None``: every sample's first
+        caption and no dropout.
+        """
         import torch
 
         if not indices:
@@ -113,7 +156,7 @@ class CachedData:
         if any(self.buckets[i] != bucket for i in indices):
             raise ValueError(f"samples {indices} have different latent shapes; batch within a bucket (BatchPlan does)")
         index = torch.as_tensor(indices, dtype=torch.long)
-        text = self.text_rows[index]
+        text = self.text_rows[index] if key is None else self.text_rows_for(indices, key)
         return {
             "latents": self.latents[bucket][self.latent_rows[index]],
             "prompt_embeds": self.prompt_embeds[text],
@@ -183,6 +226,7 @@ class _Folder:
     params: dict[str, Any]  # latents: resolution, crop
     index: dict | None = None  # set once complete
     todo: list[int] = field(default_factory=list)  # shard numbers to encode
+    extras: list | None = None  # latents: per item geometry (travels with the shard's job)
 
     def shard_items(self, shard: int) -> list[str]:
         return self.items[shard * self.shard_size : (shard + 1) * self.shard_size]
@@ -272,21 +316,21 @@ class _ShardEncoder:
         encoder, device, dtype = self._encoder(job["kind"], job["model"])
         with torch.inference_mode():
             if job["kind"] == "text":
-                embeds, mask = encoder.encode(items)
+                embeds, mask = _encode_captions(encoder, items)
                 tensors["prompt_embeds"] = embeds.to("cpu", torch.float32).contiguous()
                 tensors["prompt_attention_mask"] = mask.to("cpu", torch.int64).contiguous()
             else:
-                from sana_ray.data.images import load_pixels
+                from sana_ray.data.images import Geometry, load_prepared
 
-                def load(path: str) -> torch.Tensor | str:
+                def load(row: int) -> torch.Tensor | str:
                     try:
-                        return load_pixels(path, job["resolution"], job["crop"])
-                    except Exception as error:  # e.g. a truncated JPEG (PIL's verify() cannot tell)
+                        return load_prepared(items[row], Geometry.from_json(job["geometry"][row]))
+                    except Exception as error:  # e.g. a file changed or damaged since discovery
                         return f"{type(error).__name__}: {error}"
 
                 # PIL decodes and resizes without the GIL: load the shard's images in parallel.
                 with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(items))) as pool:
-                    loaded = list(pool.map(load, items))
+                    loaded = list(pool.map(load, range(len(items))))
                 groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
                 for row, pixels in enumerate(loaded):
                     if isinstance(pixels, str):
@@ -306,12 +350,33 @@ class _ShardEncoder:
         return {"folder": job["folder"], "shard": job["shard"], "count": len(items)}
 
 
+def _encode_captions(encoder, items: list[str]):
+    """Encode captions; the empty prompt (caption dropout) as SanaPipeline encodes negative_prompt="":
+    without the instruction prefix, ``max_sequence_length`` tokens."""
+    import torch
+
+    real = [i for i, text in enumerate(items) if text != EMPTY_PROMPT]
+    empty = [i for i, text in enumerate(items) if text == EMPTY_PROMPT]
+    parts = {}
+    if real:
+        parts.update(zip(real, zip(*encoder.encode([items[i] for i in real]))))
+    if empty:
+        saved = encoder.instruction
+        encoder.instruction = None
+        try:
+            embeds, mask = encoder.encode([EMPTY_PROMPT])
+        finally:
+            encoder.instruction = saved
+        parts.update({i: (embeds[0], mask[0]) for i in empty})
+    return torch.stack([parts[i][0] for i in range(len(items))]), torch.stack([parts[i][1] for i in range(len(items))])
+
+
 # --------------------------------------------------------------------------------------------
 # Building
 
 
-def _plan_text(samples: list[Sample], fingerprint: str, model: "ModelSpec", instruction: list[str] | None, root: Path, shard_size: int) -> _Folder:
-    captions = sorted({s.caption for s in samples})
+def _plan_text(samples: list[Sample], fingerprint: str, model: "ModelSpec", instruction: list[str] | None, root: Path, shard_size: int, empty_prompt: bool = False) -> _Folder:
+    captions = sorted({c for s in samples for c in s.choices} | ({EMPTY_PROMPT} if empty_prompt else set()))
     key = _digest(
         {
             "format": CACHE_FORMAT,
@@ -324,15 +389,16 @@ def _plan_text(samples: list[Sample], fingerprint: str, model: "ModelSpec", inst
             "captions": captions,
         }
     )
-    return _Folder("text", "text embeddings", key, root / "text" / key, captions, shard_size, {})
+    return _Folder("text", "text embeddings", key, root / key, captions, shard_size, {})
 
 
 def _plan_latents(dataset: "DatasetSpec", samples: list[Sample], fingerprint: str, model: "ModelSpec", root: Path, shard_size: int) -> _Folder:
     paths = [s.image_path for s in samples]
+    geometry = [s.geometry.to_json() if s.geometry else None for s in samples]
     files = []
-    for path in paths:
+    for path, planned in zip(paths, geometry):
         stat = os.stat(path)
-        files.append([path, stat.st_size, stat.st_mtime_ns])
+        files.append([path, stat.st_size, stat.st_mtime_ns, planned])
     key = _digest(
         {
             "format": CACHE_FORMAT,
@@ -341,13 +407,14 @@ def _plan_latents(dataset: "DatasetSpec", samples: list[Sample], fingerprint: st
             "model": fingerprint,
             "variant": model.variant,
             "dtype": ENCODE_DTYPE,
-            "resolution": dataset.resolution,
-            "crop": dataset.crop,
             "images": files,
         }
     )
-    params = {"resolution": dataset.resolution, "crop": dataset.crop}
-    return _Folder("latents", f"latents {dataset.name}", key, root / "latents" / key, paths, shard_size, params)
+    options = PixelOptions.of(dataset)
+    params = {"resolution": options.resolution, "resolution_type": options.resolution_type, "crop": options.crop}
+    folder = _Folder("latents", f"latents {dataset.name}", key, root / key, paths, shard_size, params)
+    folder.extras = geometry
+    return folder
 
 
 def _check_folder(folder: _Folder, say: Progress) -> None:
@@ -419,6 +486,8 @@ def _run_encoders(folders: list[_Folder], model: dict, num_actors: int, use_gpu:
                 "items": folder.shard_items(shard),
                 **folder.params,
             }
+            if folder.extras is not None:
+                job["geometry"] = folder.extras[shard * folder.shard_size : (shard + 1) * folder.shard_size]
             jobs.append({"job": json.dumps(job, ensure_ascii=False)})
     if not jobs:
         return
@@ -472,6 +541,14 @@ def _run_encoders(folders: list[_Folder], model: dict, num_actors: int, use_gpu:
         )
 
 
+def _under(root: Path, folder: "Path | None", default: str) -> Path:
+    """A configured cache folder (relative to the cache root), or ``root/default``."""
+    if folder is None:
+        return root / default
+    folder = Path(folder).expanduser()
+    return (folder if folder.is_absolute() else root / folder).resolve()
+
+
 def build_caches(
     datasets: list["DatasetSpec"],
     *,
@@ -487,6 +564,10 @@ def build_caches(
 
     ``model_source`` is what the encoders load (a local diffusers folder or a hub id); ``model``
     supplies revision, variant, max_sequence_length and the instruction-prefix switch.
+    Disabled entries are left out; a ``dataset_type: text_embeds`` entry sets the text cache's
+    folder and shard size; ``dataset_type: eval`` datasets are cached too but returned apart, in
+    ``cache_set.eval_sets`` (never trained on). ``batch_size`` is the shard size of folders whose
+    dataset sets no ``vae_batch_size`` / ``write_batch_size``.
     """
     from sana_ray.model.loading import model_fingerprint
     from sana_ray.model.text import DEFAULT_INSTRUCTION
@@ -498,21 +579,25 @@ def build_caches(
     fingerprint = model_fingerprint(model_source, model.revision)
     instruction = DEFAULT_INSTRUCTION if model.use_instruction_prefix else None
 
-    found: list[tuple["DatasetSpec", list[Sample]]] = []
-    reports: list[DatasetReport] = []
-    for dataset in datasets:
-        samples, report = discover_samples(dataset)
-        found.append((dataset, samples))
-        reports.append(report)
+    found = discover_datasets(datasets)
+    for _, _, report in found:
         say(report.summary())
-    all_samples = [s for _, samples in found for s in samples]
-
-    text = _plan_text(all_samples, fingerprint, model, instruction, root, batch_size)
-    latent_folders: dict[str, _Folder] = {}
+    reports = [report for _, _, report in found]
+    all_samples = [s for _, samples, _ in found for s in samples]
+    store = text_store(datasets)
+    empty_prompt = any(getattr(d, "caption_dropout_probability", 0) > 0 for d, _, r in found if r.role != "eval")
+    text = _plan_text(
+        all_samples, fingerprint, model, instruction, _under(root, store and store.cache_dir, "text"),
+        (store and store.write_batch_size) or batch_size, empty_prompt=empty_prompt,
+    )
+    latent_folders: dict[Path, _Folder] = {}
     dataset_folders: list[_Folder] = []
-    for dataset, samples in found:
-        folder = _plan_latents(dataset, samples, fingerprint, model, root, batch_size)
-        folder = latent_folders.setdefault(folder.key, folder)  # identical datasets share one folder
+    for dataset, samples, _ in found:
+        folder = _plan_latents(
+            dataset, samples, fingerprint, model, _under(root, getattr(dataset, "cache_dir", None), "latents"),
+            getattr(dataset, "vae_batch_size", None) or batch_size,
+        )
+        folder = latent_folders.setdefault(folder.path, folder)  # identical datasets share one folder
         dataset_folders.append(folder)
 
     pending: list[_Folder] = []
@@ -540,39 +625,52 @@ def build_caches(
     for folder in pending:
         _finish_folder(folder)
 
-    return _cache_set(root, text, found, dataset_folders, reports, say), reports
+    members = list(zip(found, dataset_folders))
+    train = [(m, f) for m, f in members if m[2].role != "eval"]
+    cache_set = _cache_set(root, text, train, say)
+    cache_set.eval_sets = {m[0].name: _cache_set(root, text, [(m, f)], say) for m, f in members if m[2].role == "eval"}
+    return cache_set, reports
 
 
-def _cache_set(
-    root: Path,
-    text: _Folder,
-    found: list[tuple["DatasetSpec", list[Sample]]],
-    dataset_folders: list[_Folder],
-    reports: list[DatasetReport],
-    say: Progress,
-) -> CacheSet:
+def _entry_file(root: Path, folder: _Folder, shard: str) -> str:
+    """A shard's name relative to ``<root>/latents`` when it lies there, else its absolute path."""
+    latents = root / "latents"
+    if folder.path.parent == latents:
+        return f"{folder.key}/{shard}"
+    return str(folder.path / shard)
+
+
+def _cache_set(root: Path, text: _Folder, members: list, say: Progress) -> CacheSet:
+    """The CacheSet of some datasets: ``members`` is [((dataset, samples, report), folder), ...]."""
     assert text.index is not None
     text_row = {caption: row for row, caption in enumerate(text.index["captions"])}
     entries: list[tuple[str, int, int]] = []
     buckets: list[int] = []
     shapes: dict[tuple[int, ...], int] = {}
     names, captions, paths, repeats = [], [], [], []
-    for (dataset, samples), folder, report in zip(found, dataset_folders, reports):
+    caption_rows, dropout, weights, groups, regularisation = [], [], [], [], []
+    for number, ((dataset, samples, report), folder) in enumerate(members):
         assert folder.index is not None
         where = {item["path"]: item for item in folder.index["items"]}
         for sample in samples:
             item = where[sample.image_path]
             if "error" in item:  # the image passed discovery but could not be decoded
-                report.skip(UNREADABLE, sample.image_path)
+                report.skip(UNREADABLE, sample.image_path, item["error"])
                 report.used -= 1
                 say(f"{dataset.name}: skipping unreadable {sample.image_path} ({item['error']})")
                 continue
-            entries.append((f"{folder.key}/{item['shard']}", item["row"], text_row[sample.caption]))
+            rows = tuple(text_row[c] for c in sample.choices)
+            entries.append((_entry_file(root, folder, item["shard"]), item["row"], rows[0]))
             buckets.append(shapes.setdefault(tuple(item["shape"]), len(shapes)))
             names.append(sample.dataset)
             captions.append(sample.caption)
             paths.append(sample.image_path)
             repeats.append(dataset.repeats)
+            caption_rows.append(rows)
+            dropout.append(float(getattr(dataset, "caption_dropout_probability", 0.0)))
+            weights.append(float(getattr(dataset, "probability", 1.0)))
+            groups.append(number)
+            regularisation.append(bool(getattr(dataset, "is_regularisation_data", False)))
         if report.used == 0:
             raise DataError(f"dataset '{dataset.name}': none of its images could be decoded ({report.summary()})")
     return CacheSet(
@@ -586,7 +684,13 @@ def _cache_set(
         buckets=buckets,
         bucket_shapes=list(shapes),
         text_shape=tuple(text.index["shape"]),
-        latent_dirs=[str(f.path) for f in dataset_folders],
+        latent_dirs=[str(f.path) for _, f in members],
+        caption_rows=caption_rows,
+        dropout=dropout,
+        null_text_row=text_row.get(EMPTY_PROMPT),
+        weights=weights,
+        groups=groups,
+        regularisation=regularisation,
     )
 
 
@@ -646,4 +750,7 @@ def load_cache(cache: CacheSet) -> CachedData:
         text_rows=torch.tensor([e[2] for e in cache.entries], dtype=torch.long),
         datasets=list(cache.datasets),
         captions=list(cache.captions),
+        caption_rows=list(cache.caption_rows),
+        dropout=list(cache.dropout),
+        null_text_row=cache.null_text_row,
     )

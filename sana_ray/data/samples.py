@@ -1,31 +1,42 @@
-"""Finding a dataset's images and their captions.
+"""Finding a dataset's images and their captions, and accounting for every file left out.
 
 ``discover_samples`` walks a dataset folder (recursively, in sorted order so that two runs see
-the same samples in the same order), checks that each image file can be opened, and pairs it with
-a caption according to the dataset's ``caption_strategy``. Files it cannot use are not errors:
-they are counted in a :class:`DatasetReport` by reason, so the user sees what was left out.
+the same samples in the same order), checks each image file (header, size, and for JPEG/PNG the
+whole stream, so truncated files are caught here and not in the middle of a cache build), plans
+its geometry (``images.plan_geometry``) and pairs it with its caption(s) according to the
+dataset's ``caption_strategy``. Files it cannot use are not errors: they are counted in a
+:class:`DatasetReport` by reason, with their paths, so the user sees what was left out and why.
 
-Imports nothing heavy (PIL only, lazily).
+Imports nothing heavy (PIL only, lazily; pyarrow only for a Parquet metadata file).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterable
+
+from sana_ray.data.images import Geometry, PixelOptions, measure, oriented_size, plan_geometry
 
 if TYPE_CHECKING:  # pragma: no cover
     from sana_ray.manifest.schema import DatasetSpec
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+CHECK_THREADS = 8
 
 # Skip reasons (keys of DatasetReport.skipped).
 EMPTY_FILE = "empty file"
 NOT_AN_IMAGE = "not an image"
 UNREADABLE = "unreadable"
+TOO_SMALL = "too small"
+TOO_LARGE = "too large (decompression bomb)"
 MISSING_CAPTION = "missing caption"
+NOT_FOUND = "metadata row without image"
 
 
 class DataError(Exception):
@@ -36,7 +47,14 @@ class DataError(Exception):
 class Sample:
     dataset: str
     image_path: str  # absolute
-    caption: str
+    caption: str  # the first (or only) caption
+    captions: tuple[str, ...] = ()  # every caption choice (textfile lines, metadata lists); () = (caption,)
+    size: tuple[int, int] = (0, 0)  # (W, H) as displayed (EXIF orientation applied)
+    geometry: Geometry | None = None
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.captions or (self.caption,)
 
 
 @dataclass
@@ -45,13 +63,27 @@ class DatasetReport:
     found: int  # files with an image extension
     used: int
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> paths
+    details: dict[str, str] = field(default_factory=dict)  # path -> what went wrong (decoder message, sizes)
+    role: str = "train"  # train, regularisation or eval
+    repeats: int = 0
+    probability: float = 1.0
+    buckets: dict[str, int] = field(default_factory=dict)  # "WxH" (pixels) -> samples
 
-    def skip(self, reason: str, path: str) -> None:
+    def skip(self, reason: str, path: str, detail: str | None = None) -> None:
         self.skipped.setdefault(reason, []).append(path)
+        if detail:
+            self.details[path] = detail
 
     @property
     def num_skipped(self) -> int:
         return sum(len(paths) for paths in self.skipped.values())
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Draws of this dataset per epoch: round(probability x used x (1 + repeats)); 0 for eval sets."""
+        if self.role == "eval":
+            return 0
+        return round(self.probability * self.used * (1 + self.repeats))
 
     def summary(self) -> str:
         """One line, e.g. ``shapes: 48 images used of 50 found; skipped: 2 missing caption``."""
@@ -60,6 +92,9 @@ class DatasetReport:
             parts = ", ".join(f"{len(paths)} {reason}" for reason, paths in sorted(self.skipped.items()))
             text += f"; skipped: {parts}"
         return text
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"samples_per_epoch": self.samples_per_epoch}
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -73,20 +108,41 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _check_image(path: Path) -> str | None:
-    """None if PIL can open and verify the file, else the skip reason."""
+def check_image(path: Path) -> tuple[str | None, str | None, tuple[int, int]]:
+    """(skip reason or None, detail, displayed (W, H)) of one image file.
+
+    JPEGs are decoded at 1/8 scale (cheap, and still reads the whole stream); PNGs are verified
+    chunk by chunk (CRCs); other formats are decoded in full. Images above PIL's
+    ``Image.MAX_IMAGE_PIXELS`` are skipped as decompression bombs, never opened in full.
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
         if path.stat().st_size == 0:
-            return EMPTY_FILE
-        with Image.open(path) as image:
-            image.verify()
+            return EMPTY_FILE, None, (0, 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and image.width * image.height > limit:
+                    return TOO_LARGE, f"{image.width}x{image.height} > {limit} pixels (PIL's MAX_IMAGE_PIXELS)", image.size
+                if image.format == "PNG":
+                    image.verify()  # must come first; it leaves the image unusable
+                    with Image.open(path) as again:
+                        return None, None, oriented_size(again)
+                size = oriented_size(image)
+                if image.format == "JPEG":
+                    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
+    except Image.DecompressionBombError as error:
+        return TOO_LARGE, str(error), (0, 0)
     except UnidentifiedImageError:
-        return NOT_AN_IMAGE
-    except Exception:  # truncated, corrupt, permission denied, ...
-        return UNREADABLE
-    return None
+        return NOT_AN_IMAGE, None, (0, 0)
+    except Exception as error:  # truncated, corrupt, permission denied, ...
+        return UNREADABLE, f"{type(error).__name__}: {error}", (0, 0)
+    return None, None, size
 
 
 # Trailing counters: "(1)", "[2]", or digits after a separator ("_001", " 2", "-3"); "r2d2" is kept.
@@ -100,17 +156,85 @@ def caption_from_filename(stem: str) -> str:
     return " ".join(text.split())
 
 
-def caption_from_textfile(image_path: Path) -> str | None:
-    """The first non-empty line of the sibling ``<stem>.txt``, stripped; None if missing or empty."""
+def captions_from_textfile(image_path: Path) -> tuple[str, ...]:
+    """Every non-empty line of the sibling ``<stem>.txt``, stripped; () if missing or empty."""
     text_path = image_path.with_suffix(".txt")
     try:
         with open(text_path, encoding="utf-8-sig", errors="replace") as handle:
-            for line in handle:
-                if line.strip():
-                    return line.strip()
+            return tuple(line.strip() for line in handle if line.strip())
     except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return None
-    return None
+        return ()
+
+
+def caption_from_textfile(image_path: Path) -> str | None:
+    """The first non-empty line of the sibling ``<stem>.txt``; None if missing or empty."""
+    lines = captions_from_textfile(image_path)
+    return lines[0] if lines else None
+
+
+def _as_captions(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):  # a list stored as JSON text (CSV cells)
+            try:
+                return _as_captions(json.loads(text))
+            except json.JSONDecodeError:
+                pass
+        return (text,) if text else ()
+    if isinstance(value, (list, tuple)) or type(value).__name__ in ("ndarray", "list"):
+        return tuple(c for item in value for c in _as_captions(item))
+    if isinstance(value, float) and value != value:  # NaN from a CSV/Parquet null
+        return ()
+    return _as_captions(str(value))
+
+
+def read_metadata(dataset: "DatasetSpec", root: Path) -> dict[str, tuple[str, ...]]:
+    """{absolute image path: captions} from the dataset's metadata file (JSONL, CSV or Parquet)."""
+    path = Path(dataset.metadata_file).expanduser()
+    if not path.is_absolute():
+        path = root / path
+    if not path.is_file():
+        raise DataError(
+            f"dataset '{dataset.name}': metadata_file {path} does not exist (relative paths are relative to "
+            f"the dataset folder {root}). Fix spec.datasets[].metadata_file."
+        )
+    suffix = path.suffix.lower()
+    rows: Iterable[dict]
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            with open(path, encoding="utf-8-sig") as handle:
+                rows = [json.loads(line) for line in handle if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        elif suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8-sig", newline="") as handle:
+                rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            wanted = [c for c in (dataset.file_column, dataset.caption_column) if c in names]
+            rows = pq.read_table(path, columns=wanted).to_pylist() if dataset.file_column in names else [dict.fromkeys(names)]
+        else:
+            raise DataError(f"dataset '{dataset.name}': metadata_file {path} must end in .jsonl, .json, .csv, .tsv or .parquet")
+    except DataError:
+        raise
+    except Exception as error:
+        raise DataError(f"dataset '{dataset.name}': cannot read metadata_file {path}: {type(error).__name__}: {error}") from error
+    table: dict[str, tuple[str, ...]] = {}
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or dataset.file_column not in row:
+            columns = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise DataError(
+                f"dataset '{dataset.name}': row {number} of {path} has no '{dataset.file_column}' column (it has: "
+                f"{columns}). Set file_column (and caption_column) to the names your file uses."
+            )
+        file = Path(str(row[dataset.file_column])).expanduser()
+        absolute = os.path.normpath(file if file.is_absolute() else root / file)
+        table[absolute] = table.get(absolute, ()) + _as_captions(row.get(dataset.caption_column))
+    return table
 
 
 _FIXES = {
@@ -118,7 +242,14 @@ _FIXES = {
     "or set caption_strategy: filename or instanceprompt",
     "filename": "check that the file names describe the images",
     "instanceprompt": "check that the images can be opened",
+    "metadata": "check that metadata_file lists the images (file_column, relative to the dataset folder) with a caption_column",
 }
+
+
+def _role(dataset: "DatasetSpec") -> str:
+    if getattr(dataset, "dataset_type", "image") == "eval":
+        return "eval"
+    return "regularisation" if getattr(dataset, "is_regularisation_data", False) else "train"
 
 
 def discover_samples(dataset: "DatasetSpec") -> tuple[list[Sample], DatasetReport]:
@@ -136,27 +267,48 @@ def discover_samples(dataset: "DatasetSpec") -> tuple[list[Sample], DatasetRepor
     if not root.is_dir():
         raise DataError(f"dataset '{dataset.name}': {root} is a file, not a folder of images. Point path at the folder.")
     root = root.resolve()
+    strategy = dataset.caption_strategy
+    metadata = read_metadata(dataset, root) if strategy == "metadata" else {}
+    options = PixelOptions.of(dataset)
 
-    report = DatasetReport(dataset=dataset.name, found=0, used=0)
+    report = DatasetReport(
+        dataset=dataset.name, found=0, used=0, role=_role(dataset),
+        repeats=dataset.repeats, probability=getattr(dataset, "probability", 1.0),
+    )
     samples: list[Sample] = []
-    for path in _image_files(root):
+    files = _image_files(root)
+    with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
+        checks = list(pool.map(check_image, files))
+    for path, (reason, detail, size) in zip(files, checks):
         report.found += 1
-        reason = _check_image(path)
         if reason:
-            report.skip(reason, str(path))
+            report.skip(reason, str(path), detail)
             continue
-        if dataset.caption_strategy == "textfile":
-            caption = caption_from_textfile(path)
-        elif dataset.caption_strategy == "filename":
-            caption = caption_from_filename(path.stem)
-        elif dataset.caption_strategy == "instanceprompt":
-            caption = (dataset.instance_prompt or "").strip()
+        minimum = options.minimum_image_size
+        if minimum and measure(*size, options.resolution_type) < minimum:
+            report.skip(TOO_SMALL, str(path), f"{size[0]}x{size[1]} < minimum_image_size {minimum:g} ({options.resolution_type})")
+            continue
+        if strategy == "textfile":
+            captions = captions_from_textfile(path)
+        elif strategy == "filename":
+            captions = (caption_from_filename(path.stem),)
+        elif strategy == "instanceprompt":
+            captions = ((dataset.instance_prompt or "").strip(),)
+        elif strategy == "metadata":
+            captions = metadata.pop(os.path.normpath(path), ())
         else:  # pragma: no cover - the schema forbids it
-            raise DataError(f"dataset '{dataset.name}': unknown caption_strategy {dataset.caption_strategy!r}")
-        if not caption:
+            raise DataError(f"dataset '{dataset.name}': unknown caption_strategy {strategy!r}")
+        captions = tuple(dict.fromkeys(c for c in captions if c))  # unique, in order, non-empty
+        if not captions:
             report.skip(MISSING_CAPTION, str(path))
             continue
-        samples.append(Sample(dataset=dataset.name, image_path=str(path), caption=caption))
+        geometry = plan_geometry(*size, options, str(path))
+        samples.append(Sample(dataset.name, str(path), captions[0], captions if len(captions) > 1 else (), size, geometry))
+        key = "x".join(map(str, geometry.size))
+        report.buckets[key] = report.buckets.get(key, 0) + 1
+    for missing in sorted(metadata):
+        if not os.path.exists(missing):
+            report.skip(NOT_FOUND, missing)
     report.used = len(samples)
 
     if not samples:
@@ -166,8 +318,46 @@ def discover_samples(dataset: "DatasetSpec") -> tuple[list[Sample], DatasetRepor
                 f"{', '.join(sorted(IMAGE_EXTENSIONS))}). Fix spec.datasets[].path or add images."
             )
         examples = "; ".join(f"{reason}: {paths[0]}" for reason, paths in sorted(report.skipped.items()))
+        fix = _FIXES[strategy]
+        if TOO_SMALL in report.skipped:
+            fix = f"lower minimum_image_size (now {options.minimum_image_size:g}) or add larger images; or {fix}"
         raise DataError(
             f"dataset '{dataset.name}': none of the {report.found} images in {root} is usable "
-            f"({report.summary()}; e.g. {examples}). Fix: {_FIXES[dataset.caption_strategy]}."
+            f"({report.summary()}; e.g. {examples}). Fix: {fix}."
         )
     return samples, report
+
+
+def image_datasets(datasets: Iterable["DatasetSpec"]) -> list["DatasetSpec"]:
+    """The entries that are image folders: not disabled, not the text_embeds store."""
+    return [
+        d for d in datasets
+        if not getattr(d, "disabled", False) and getattr(d, "dataset_type", "image") != "text_embeds"
+    ]
+
+
+def text_store(datasets: Iterable["DatasetSpec"]) -> "DatasetSpec | None":
+    """The (enabled) ``dataset_type: text_embeds`` entry, if any; more than one is an error."""
+    stores = [d for d in datasets if getattr(d, "dataset_type", "image") == "text_embeds" and not d.disabled]
+    if len(stores) > 1:
+        raise DataError(
+            f"only one dataset_type text_embeds entry is supported (found {', '.join(d.name for d in stores)}); "
+            f"all datasets share one text-embedding cache. Remove or disable the others."
+        )
+    return stores[0] if stores else None
+
+
+def discover_datasets(datasets: Iterable["DatasetSpec"]) -> list[tuple["DatasetSpec", list[Sample], DatasetReport]]:
+    """``discover_samples`` for every image dataset (disabled entries and the text store left out)."""
+    datasets = list(datasets)
+    chosen = image_datasets(datasets)
+    text_store(datasets)  # raises on two stores
+    if not chosen:
+        raise DataError("no enabled image dataset: every entry of spec.datasets is disabled or a text_embeds store")
+    found = []
+    for dataset in chosen:
+        samples, report = discover_samples(dataset)
+        found.append((dataset, samples, report))
+    if all(report.role == "eval" for _, _, report in found):
+        raise DataError("every enabled dataset is dataset_type: eval; at least one must be trained on (dataset_type: image)")
+    return found

@@ -118,6 +118,31 @@ def _check_dataset_folders(manifest: Manifest) -> None:
             )
 
 
+def prepare_model_and_caches(manifest: Manifest, paths: RunPaths):
+    """Resolve the model and build (or reuse) the latent and text caches; prints the data table.
+
+    Returns ``(model_source, cache_set)``. Needs Ray started. Used by apply and by sweeps (once per sweep).
+    """
+    from sana_ray.data.cache import build_caches
+    from sana_ray.launch.report import print_data_report
+    from sana_ray.model.loading import resolve_pretrained
+
+    spec = manifest.spec
+    model_source = resolve_pretrained(spec.model.pretrained, paths.cache)
+    say(f"Model: {spec.model.pretrained}" + (f" -> {model_source}" if model_source != spec.model.pretrained else ""))
+    cache_set, reports = build_caches(
+        spec.datasets,
+        model_source=model_source,
+        model=spec.model,
+        cache_root=paths.cache,
+        num_actors=spec.hardware.cache_workers,
+        use_gpu=spec.hardware.use_gpu,
+        progress=say,
+    )
+    print_data_report(reports, cache_set, spec, out_dir=paths.root)  # also writes data_report.json/.txt there
+    return model_source, cache_set
+
+
 def apply(manifest: Manifest, *, restart: bool = False) -> int:
     """Run (or resume) the training run a manifest describes. Returns the process exit code."""
     started = time.time()
@@ -152,22 +177,7 @@ def apply(manifest: Manifest, *, restart: bool = False) -> int:
 
         ensure_ray(spec.hardware.ray_address)
 
-    from sana_ray.data.cache import build_caches
-    from sana_ray.launch.report import print_data_report
-    from sana_ray.model.loading import resolve_pretrained
-
-    model_source = resolve_pretrained(spec.model.pretrained, paths.cache)
-    say(f"Model: {spec.model.pretrained}" + (f" -> {model_source}" if model_source != spec.model.pretrained else ""))
-    cache_set, reports = build_caches(
-        spec.datasets,
-        model_source=model_source,
-        model=spec.model,
-        cache_root=paths.cache,
-        num_actors=spec.hardware.cache_workers,
-        use_gpu=spec.hardware.use_gpu,
-        progress=say,
-    )
-    print_data_report(reports, cache_set, spec)
+    model_source, cache_set = prepare_model_and_caches(manifest, paths)
 
     tracking_uri = spec.tracking.mlflow_tracking_uri or tracking.default_tracking_uri(spec.output.dir)
     tags = {"sana_ray.fingerprint": fingerprint, "sana_ray.attempt": str(attempt)} | {
@@ -182,6 +192,9 @@ def apply(manifest: Manifest, *, restart: bool = False) -> int:
         resume_run_id=resume_run_id,
     )
     tracking.RunLogger(tracking_uri, run_id).log_artifact(paths.manifest)
+    from sana_ray.launch.report import log_data_report
+
+    log_data_report(tracking_uri, run_id, paths.root)  # every image accounted for, in the run
     say(f"MLflow run {run_id} in {tracking.redact_uri(tracking_uri)} (experiment {spec.tracking.experiment})")
     write_json_atomic(paths.state, {"fingerprint": fingerprint, "attempt": attempt, "mlflow_run_id": run_id})
 

@@ -26,6 +26,27 @@ RAY_ENV = {
 }
 
 
+def worker_env(hardware) -> dict[str, str]:
+    """Environment for every training worker: RAY_ENV plus the hardware profile's NCCL variables
+    (NCCL_P2P_DISABLE for GPUs without peer-to-peer, NCCL_IB_DISABLE without InfiniBand,
+    NCCL_SOCKET_IFNAME when given, then hardware.nccl_env). Pure: no Ray import."""
+    from sana_ray.hardware import nccl_env
+
+    env = dict(RAY_ENV)
+    if hardware.use_gpu:
+        env |= nccl_env(hardware.profile_names(), hardware.interconnect, hardware.nccl_socket_ifname, hardware.nccl_env)
+    elif hardware.nccl_socket_ifname:  # CPU workers talk gloo
+        env["GLOO_SOCKET_IFNAME"] = hardware.nccl_socket_ifname
+    return env
+
+
+def worker_label_selectors(hardware) -> list[dict[str, str]] | None:
+    """One Ray label selector per training worker, pool by pool (None when no pool has labels)."""
+    if not any(pool.labels for pool in hardware.nodes):
+        return None
+    return [dict(pool.labels) for pool in hardware.nodes for _ in range(pool.workers)]
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Connect to ``address`` or start a local single-node Ray bound to 127.0.0.1.
 

@@ -123,3 +123,73 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
 def redact_text(text: str) -> str:
     """Mask user-info in any URI inside ``text`` (for messages and logs)."""
     return re.sub(r"(\b[a-z+]+://)[^/@\s]+@", r"\1***@", text)
+
+
+def free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalServer:
+    """An ``mlflow server`` on 127.0.0.1 over a SQLite store, for many concurrent writers.
+
+    SQLite takes one writer at a time: trials writing to the file directly risk "database is
+    locked". Through one server process (one worker) every write goes through one connection pool.
+    Started in its own process group: stopping it also stops its uvicorn children.
+    """
+
+    def __init__(self, sqlite_uri: str, port: int | None = None):
+        self.backend = sqlite_uri
+        self.port = port or free_loopback_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._process = None
+
+    def __enter__(self) -> "LocalServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        import subprocess
+        import sys
+        import urllib.request
+
+        client(self.backend).search_experiments(max_results=1)  # create the schema before the server does
+        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
+                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        artifacts = local_artifact_root(self.backend)
+        if artifacts:
+            command += ["--default-artifact-root", artifacts]
+        self._process = subprocess.Popen(command, start_new_session=True,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self._process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server on {self.uri} did not answer within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self._process is None or self._process.poll() is not None:
+            return
+        os.killpg(self._process.pid, signal.SIGTERM)
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()

@@ -176,7 +176,10 @@ def _resolve(base: Path, value: Path | str) -> str:
 
 
 def _resolve_paths(manifest: Manifest, base: Path) -> None:
-    spec = manifest.spec
+    _resolve_spec_paths(manifest.spec, base)
+
+
+def _resolve_spec_paths(spec, base: Path) -> None:
     for dataset in spec.datasets:
         dataset.path = Path(_resolve(base, dataset.path))
     spec.output.dir = Path(_resolve(base, spec.output.dir))
@@ -219,6 +222,47 @@ def load_manifest(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Man
 
     _resolve_paths(manifest, manifest_path.absolute().parent)
     return manifest
+
+
+def load_document(path: str | os.PathLike, overrides: Sequence[str] = ()):
+    """Load a manifest of either kind: a TrainingRun :class:`Manifest` or a :class:`~.sweep.Sweep`.
+
+    For a Sweep, overrides relative to ``spec`` (``training.steps=50``) apply to ``spec.template``,
+    and every searched path is checked by validating the template with each bound and listed value
+    set (:func:`~.sweep.check_space`), so errors name ``spec.search.space.<path>`` and the value.
+    """
+    file = os.fspath(path)
+    manifest_path = Path(file)
+    data, positions = _read_yaml(manifest_path, file)
+    if not (isinstance(data, dict) and data.get("kind") == "Sweep"):
+        return load_manifest(path, overrides)
+
+    from .sweep import Sweep, check_space
+
+    parsed = parse_overrides(overrides, file=file)
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    set_by: list[tuple[tuple, str]] = []
+    for (segments, value), text in zip(parsed, overrides):
+        if len(segments) > 1 and segments[0] == "spec" and segments[1] not in ("template", "search"):
+            segments = ["spec", "template", *segments[1:]]
+        apply_override(data, segments, value, text, file=file)
+        set_by.append((tuple(segments), text))
+
+    def override_for(loc: tuple) -> str | None:
+        for segments, text in reversed(set_by):
+            if loc[: len(segments)] == segments:
+                return text
+        return None
+
+    try:
+        sweep = Sweep.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(problems_from_validation_error(exc, Sweep, file, positions.lookup, override_for), source=file) from None
+    problems = check_space(data, sweep.spec.search, file, positions.lookup)
+    if problems:
+        raise ManifestError(problems, source=file)
+    _resolve_spec_paths(sweep.spec.template, manifest_path.absolute().parent)
+    return sweep
 
 
 # --------------------------------------------------------------------------------------

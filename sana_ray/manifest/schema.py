@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -62,7 +62,22 @@ class ModelSpec(Strict):
     )
 
 
-CaptionStrategy = Literal["textfile", "filename", "instanceprompt"]
+CaptionStrategy = Literal["textfile", "filename", "instanceprompt", "metadata"]
+ResolutionType = Literal["pixel", "pixel_area", "area"]
+DatasetType = Literal["image", "eval", "text_embeds"]
+
+# Aspect ratios (width / height) that crop_aspect closest / random choose from by default.
+DEFAULT_ASPECT_BUCKETS: tuple[float, ...] = (0.5, 0.5625, 0.6667, 0.75, 1.0, 1.3333, 1.5, 1.7778, 2.0)
+
+# Fields that mean nothing for a `dataset_type: text_embeds` entry (rejected there when set).
+_IMAGE_ONLY_FIELDS = frozenset(
+    {
+        "path", "caption_strategy", "instance_prompt", "metadata_file", "caption_column", "file_column",
+        "caption_dropout_probability", "resolution", "resolution_type", "minimum_image_size",
+        "maximum_image_size", "target_downsample_size", "crop", "crop_style", "crop_aspect",
+        "crop_aspect_buckets", "repeats", "is_regularisation_data", "probability", "vae_batch_size",
+    }
+)
 
 
 def _check_multiple_of_32(value: int) -> int:
@@ -76,43 +91,161 @@ def _check_multiple_of_32(value: int) -> int:
 
 
 class DatasetSpec(Strict):
+    """One entry of spec.datasets: a folder of images (or, with dataset_type text_embeds, the text-embedding store).
+
+    See docs/data.md for how each option changes the training images and for SimpleTuner's names.
+    """
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")]
-    path: Path = Field(description="Folder of images (searched recursively). Relative paths are relative to the manifest.")
+    path: Path = Field(
+        description="Folder of images (searched recursively). Relative paths are relative to the manifest. "
+        "Not used (and not needed) by a dataset_type text_embeds entry."
+    )
+    dataset_type: DatasetType = Field(
+        default="image",
+        description="image: trained on; eval: never trained on (held out for an evaluation loss); "
+        "text_embeds: not images but the settings of the text-embedding cache (cache_dir, write_batch_size).",
+    )
+    disabled: bool = Field(default=False, description="Ignore this entry entirely (as if it were not in the list).")
     caption_strategy: CaptionStrategy = Field(
         default="textfile",
-        description="textfile: a sibling .txt per image; filename: the cleaned file name; "
-        "instanceprompt: instance_prompt for every image.",
+        description="textfile: a sibling .txt per image, one caption per line (one line chosen per sample); "
+        "filename: the cleaned file name; instanceprompt: instance_prompt for every image; "
+        "metadata: a caption column of metadata_file (JSONL, CSV or Parquet).",
     )
     instance_prompt: str | None = None
-    resolution: Annotated[int, Field(ge=RESOLUTION_MULTIPLE)] = Field(
-        default=1024, description="Training size in pixels (a multiple of 32): images are resized so the short edge matches."
+    metadata_file: Path | None = Field(
+        default=None,
+        description="caption_strategy metadata: a .jsonl, .csv or .parquet file with a file column and a caption "
+        "column (a caption cell may be a list: one is chosen per sample). Relative paths are relative to the dataset folder.",
     )
-    crop: bool = Field(default=True, description="Centre-crop to a square resolution x resolution.")
+    caption_column: str = Field(default="caption", description="Metadata column holding the caption(s).")
+    file_column: str = Field(default="file", description="Metadata column holding the image path (relative to the dataset folder, or absolute).")
+    caption_dropout_probability: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0,
+        description="Chance that a sample is trained with the empty prompt (encoded as SanaPipeline encodes "
+        "negative_prompt=''), which teaches the unconditional branch classifier-free guidance uses.",
+    )
+    resolution_type: ResolutionType = Field(
+        default="pixel", description="How resolution, minimum_image_size, maximum_image_size and target_downsample_size are measured."
+    )
+    resolution: int | float = Field(
+        default=1024,
+        description="Training size: pixels of the short edge (resolution_type pixel), the side of a square of the "
+        "same area (pixel_area), or megapixels (area, e.g. 1.0). Pixel sizes are multiples of 32.",
+    )
+    minimum_image_size: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Skip (and count as 'too small') images smaller than this, in resolution_type units. null: keep all (small ones are upscaled)."
+    )
+    maximum_image_size: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Images larger than this (resolution_type units) are first downsampled to target_downsample_size."
+    )
+    target_downsample_size: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Size (resolution_type units) that images above maximum_image_size are downsampled to before cropping. null: maximum_image_size."
+    )
+    crop: bool = Field(default=True, description="Crop to the crop_aspect shape. false: keep each image's aspect ratio (sides trimmed to multiples of 32).")
+    crop_style: Literal["center", "centre", "random", "corner"] = Field(
+        default="center", description="Where the crop is taken: center; random (a fixed random place per image); corner (top-left)."
+    )
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = Field(
+        default="square",
+        description="Shape of the crop: square; preserve (the image's aspect); closest (the nearest of crop_aspect_buckets); "
+        "random (one of crop_aspect_buckets, fixed per image).",
+    )
+    crop_aspect_buckets: list[Annotated[float, Field(gt=0.1, lt=10)]] | None = Field(
+        default=None, description=f"Aspect ratios (width/height) for crop_aspect closest/random. null: {list(DEFAULT_ASPECT_BUCKETS)}."
+    )
     repeats: Annotated[int, Field(ge=0)] = Field(default=0, description="Extra passes over this dataset per epoch (0 = seen once).")
+    is_regularisation_data: bool = Field(
+        default=False, description="Marks regularisation (prior-preservation) data: reported separately; its share of training is set with probability."
+    )
+    probability: Annotated[float, Field(gt=0, le=100)] = Field(
+        default=1.0,
+        description="Sampling weight: each epoch draws round(probability x images x (1 + repeats)) samples of this dataset "
+        "(a different subset each epoch when below 1).",
+    )
+    vae_batch_size: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Images per VAE forward (and per latent shard file). null: 8."
+    )
+    write_batch_size: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="text_embeds entries: captions per text-encoder forward (and per shard file). null: 8."
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Where this entry's cache goes (image datasets: latents; text_embeds: text embeddings). "
+        "Relative paths are relative to output.cache_dir. null: under output.cache_dir.",
+    )
 
     @field_validator("resolution")
     @classmethod
-    def _multiple_of_32(cls, value: int) -> int:
-        return _check_multiple_of_32(value)
+    def _resolution_in_units(cls, value: int | float, info) -> int | float:
+        if info.data.get("resolution_type") == "area":
+            if not 0 < value <= 64:
+                raise ValueError(f"resolution_type 'area' takes megapixels (e.g. 1.0 or 0.25), got {value}")
+            return float(value)
+        if value != int(value) or value < RESOLUTION_MULTIPLE:
+            raise ValueError(f"must be a whole number of pixels >= {RESOLUTION_MULTIPLE} (or set resolution_type: area for megapixels)")
+        return _check_multiple_of_32(int(value))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_embeds_needs_no_path(cls, data):
+        if isinstance(data, dict) and data.get("dataset_type") == "text_embeds":
+            fields = cls.model_fields
+            # Re-validation on assignment passes every field: only values other than the default count.
+            extra = sorted(k for k in data if k in _IMAGE_ONLY_FIELDS and k != "path" and data[k] != fields[k].get_default(call_default_factory=True))
+            if extra:
+                raise ValueError(
+                    f"a dataset_type text_embeds entry takes only name, cache_dir, write_batch_size and disabled; "
+                    f"remove {', '.join(extra)}"
+                )
+            if data.get("path") is None:
+                data = {**data, "path": "."}
+        return data
 
     @model_validator(mode="after")
-    def _instance_prompt_needed(self) -> "DatasetSpec":
+    def _check(self) -> "DatasetSpec":
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
             raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt to be set")
+        if self.caption_strategy == "metadata" and self.metadata_file is None:
+            raise ValueError("caption_strategy 'metadata' needs metadata_file (a .jsonl, .csv or .parquet file)")
+        if self.minimum_image_size and self.maximum_image_size and self.minimum_image_size > self.maximum_image_size:
+            raise ValueError("minimum_image_size is larger than maximum_image_size")
+        if self.target_downsample_size is not None and self.maximum_image_size is None:
+            raise ValueError("target_downsample_size needs maximum_image_size (images above it are downsampled)")
         return self
 
 
+OptimizerName = Literal["adamw", "optimi-adamw", "lion", "adamw8bit", "paged-lion8bit", "came"]
+
+
 class OptimizerSpec(Strict):
-    name: Literal["adamw"] = "adamw"
+    name: OptimizerName = Field(
+        default="adamw",
+        description="adamw: torch.optim.AdamW; optimi-adamw: torch-optimi's AdamW (Kahan summation for 16-bit "
+        "weights); lion: torch-optimi's Lion; adamw8bit / paged-lion8bit: bitsandbytes' 8-bit AdamW / paged "
+        "8-bit Lion; came: CAME (came-pytorch, a factored, memory-saving Adam-like optimizer).",
+    )
     lr: Annotated[float, Field(gt=0)] = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] | None = Field(
+        default=None,
+        description="null: the optimizer's own default ((0.9, 0.999) for the AdamW kinds and CAME, (0.9, 0.99) for Lion).",
+    )
+    came_beta3: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.9999, description="CAME only: its third beta (the average of the update's instability)."
+    )
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    eps: Annotated[float, Field(gt=0)] = 1e-8
+    eps: Annotated[float, Field(gt=0)] = Field(default=1e-8, description="AdamW kinds only (Lion has none; CAME keeps its own pair).")
 
 
 class LrSchedulerSpec(Strict):
-    name: Literal["constant"] = Field(default="constant", description="Linear warm-up, then constant.")
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    name: Literal["constant", "cosine", "linear"] = Field(
+        default="constant",
+        description="After the linear warm-up: constant; cosine (half a cosine from lr down to min_lr_ratio*lr at the "
+        "last step); linear (straight down to min_lr_ratio*lr at the last step).",
+    )
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(default=0, description="Steps of linear warm-up from lr/warmup_steps to lr.")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(default=0.0, description="cosine / linear: the final lr as a fraction of lr.")
 
 
 class TimestepSamplingSpec(Strict):
@@ -123,15 +256,40 @@ class TimestepSamplingSpec(Strict):
     logit_std: Annotated[float, Field(gt=0)] = 1.0
 
 
+class EmaSpec(Strict):
+    """Exponential moving average of the transformer's weights (saved in checkpoints)."""
+
+    enabled: bool = False
+    decay: Annotated[float, Field(gt=0, lt=1)] = Field(default=0.9999, description="ema = decay*ema + (1-decay)*weights at every update.")
+    update_every: Annotated[int, Field(ge=1)] = Field(default=1, description="Update the EMA every N optimizer steps.")
+    start_step: Annotated[int, Field(ge=0)] = Field(default=0, description="Before this step the EMA just copies the weights.")
+    on_cpu: bool = Field(default=False, description="Keep the EMA in CPU memory (saves GPU memory; costs a copy per update).")
+    use_for_export: bool = Field(default=False, description="Export (and render the final validation images from) the EMA weights instead of the trained ones.")
+
+
 class TrainingSpec(Strict):
     steps: Annotated[int, Field(ge=1)] = Field(description="Optimizer steps to train.")
     batch_size: Annotated[int, Field(ge=1)] = Field(default=1, description="Samples per worker per micro-batch.")
     gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
     seed: int = 42
-    mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto: bf16 autocast on a GPU that supports it, fp32 otherwise (and always on CPU)."
+    mixed_precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto",
+        description="auto: bf16 on a GPU that supports it, fp32 otherwise (and always on CPU). bf16 / fp16: DDP "
+        "autocasts (fp32 weights; fp16 adds torch.amp.GradScaler loss scaling); DeepSpeed keeps 16-bit weights with "
+        "fp32 master copies (fp16 with DeepSpeed's dynamic loss scaling; needs a GPU). fp32: no autocast.",
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(default=False, description="Recompute transformer blocks in the backward pass to save activation memory.")
+    gradient_checkpointing_interval: Annotated[int, Field(ge=1)] = Field(
+        default=1,
+        description="With gradient_checkpointing: checkpoint every n-th transformer block (blocks 0, n, 2n, ...); "
+        "1 = every block. Larger n trades memory for speed (SimpleTuner's gradient_checkpointing_interval).",
+    )
+    ema: EmaSpec = Field(default_factory=EmaSpec, description="Exponential moving average of the weights (off unless enabled).")
+    max_nonfinite_steps: Annotated[int, Field(ge=1)] = Field(
+        default=5,
+        description="A step whose loss or gradient is NaN/inf is skipped (weights untouched) and counted "
+        "(metric nonfinite_steps); this many in a row stop the run, naming the batch's image files.",
+    )
     max_grad_norm: Annotated[float, Field(gt=0)] | None = Field(default=1.0, description="Clip the gradient norm (null: no clipping).")
     flow_shift: Annotated[float, Field(gt=0)] = Field(
         default=3.0, description="sigma = shift*u / (1 + (shift-1)*u). Sana 1.6B-1024 was released with 3.0."
@@ -161,11 +319,111 @@ class ValidationSpec(Strict):
         return None if value is None else _check_multiple_of_32(value)
 
 
+# Hardware profiles and inter-node links live in sana_ray.hardware (pure data, no torch/Ray).
+from sana_ray.hardware import INTERCONNECTS as _INTERCONNECTS  # noqa: E402
+from sana_ray.hardware import PROFILES as _PROFILES  # noqa: E402
+
+ProfileName = Literal[tuple(_PROFILES)]  # type: ignore[valid-type]
+InterconnectName = Literal[tuple(_INTERCONNECTS)]  # type: ignore[valid-type]
+
+
+class NodePool(Strict):
+    """A group of identical nodes (e.g. two 4x RTX 4090 boxes). Workers are placed pool by pool."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] = Field(description="Names the pool in `sana-ray plan`.")
+    count: Annotated[int, Field(ge=1)] = Field(default=1, description="Nodes in the pool.")
+    gpus_per_node: Annotated[int, Field(ge=1)] = Field(default=1, description="Training workers per node (one per GPU).")
+    profile: ProfileName | None = Field(default=None, description="GPU of these nodes. null: hardware.profile.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels a worker of this pool must run on (Ray label_selector), e.g. "
+        "{sana-ray/gpu: rtx4090}; set them with `ray start --labels` or in the KubeRay group (see clusters/).",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _ray_label_syntax(cls, value: dict[str, str]) -> dict[str, str]:
+        # Ray's (and Kubernetes') label rules: [prefix/]name, each part alphanumeric with - _ . inside.
+        part = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+        for key, val in value.items():
+            prefix, _, name = key.rpartition("/")
+            if not re.fullmatch(part, name) or (prefix and not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", prefix)):
+                raise ValueError(f"label key '{key}' is not a valid Ray/Kubernetes label key (e.g. sana-ray/gpu)")
+            if key.startswith("ray.io/"):
+                raise ValueError(f"label key '{key}': the ray.io/ prefix is reserved for Ray's own labels")
+            if val and not re.fullmatch(part, val):
+                raise ValueError(f"label '{key}': value '{val}' must be alphanumeric with - _ . inside, at most 63 characters")
+        return value
+
+    @property
+    def workers(self) -> int:
+        return self.count * self.gpus_per_node
+
+
+def _hardware_defaults(data):
+    """Fill num_workers from the pools and use_gpu from the profiles when the manifest leaves them out."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    nodes = data.get("nodes")
+    if "num_workers" not in data and isinstance(nodes, list) and nodes:
+        try:
+            data["num_workers"] = sum(int(n.get("count", 1)) * int(n.get("gpus_per_node", 1)) for n in nodes)
+        except (AttributeError, TypeError, ValueError):
+            pass  # a malformed pool: its own validation error says what is wrong
+    if "use_gpu" not in data:
+        names = [data.get("profile")] + [n.get("profile") for n in nodes or [] if isinstance(n, dict)]
+        profiles = [_PROFILES[n] for n in names if isinstance(n, str) and n in _PROFILES]
+        if profiles:
+            data["use_gpu"] = any(p.gpu for p in profiles)
+    return data
+
+
+class DeepSpeedSpec(Strict):
+    """DeepSpeed ZeRO settings; sana-ray builds the DeepSpeed config from the manifest, then merges `overrides`."""
+
+    stage: Literal[1, 2, 3] = Field(
+        default=2,
+        description="ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also the weights (each worker "
+        "holds 1/N of everything; the full weights are gathered for export).",
+    )
+    offload_optimizer: bool = Field(default=False, description="Keep optimizer states (and their step) in CPU memory.")
+    offload_params: bool = Field(default=False, description="Keep the partitioned weights in CPU memory (stage 3 only).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="For experts: raw DeepSpeed config keys deep-merged over the generated config (e.g. "
+        "{zero_optimization: {reduce_bucket_size: 50000000}}). Batch sizes, precision and clipping come from "
+        "`training` and cannot be overridden here.",
+    )
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage_3(self) -> "DeepSpeedSpec":
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"offload_params needs stage 3 (the weights are only partitioned there), not stage {self.stage}")
+        reserved = sorted(set(self.overrides) & _DEEPSPEED_RESERVED)
+        if reserved:
+            raise ValueError(f"overrides must not set {', '.join(reserved)}: they come from the training section")
+        return self
+
+
+_DEEPSPEED_RESERVED = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "bf16", "fp16", "optimizer", "scheduler",
+}
+
+
 class HardwareSpec(Strict):
     num_workers: Annotated[int, Field(ge=1)] = Field(default=1, description="Ray Train workers (one per GPU).")
     use_gpu: bool = Field(default=False, description="Give each worker a GPU.")
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "deepspeed"] = Field(
+        default="ddp",
+        description="ddp: torch DistributedDataParallel (every worker holds the whole model, optimizer and "
+        "gradients); deepspeed: DeepSpeed ZeRO, configured by `deepspeed` below.",
+    )
+    deepspeed: DeepSpeedSpec = Field(
+        default_factory=DeepSpeedSpec, description="Used when strategy is deepspeed."
+    )
     ray_address: str | None = Field(
         default=None,
         description="Ray cluster to join (e.g. 'auto' or ray://host:10001). null: start a local Ray on 127.0.0.1.",
@@ -176,6 +434,81 @@ class HardwareSpec(Strict):
         description="Restart the workers from the latest checkpoint this many times when one dies "
         "(preempted node, out of memory) before giving up.",
     )
+    profile: ProfileName | None = Field(
+        default=None,
+        description="GPU every worker runs on (rtx4090, a6000, l40s, a100-40g, a100-80g, h100, cpu; see "
+        "docs/hardware.md). Sets NCCL variables, implies use_gpu, and is what `sana-ray plan` sizes against. "
+        "null: no profile (NCCL defaults; `sana-ray plan` then needs --profile unless use_gpu is false).",
+    )
+    nodes: list[NodePool] = Field(
+        default_factory=list,
+        description="Node pools (count, gpus_per_node, profile, labels). When given, num_workers is their total "
+        "GPUs and each worker is placed on its pool's labelled nodes. Empty: num_workers workers anywhere.",
+    )
+    interconnect: InterconnectName | None = Field(
+        default=None,
+        description="Link between nodes (ethernet-10g/25g/40g/100g/200g/400g, infiniband-edr/hdr/ndr, roce-100g/"
+        "200g/400g). Without InfiniBand/RoCE, NCCL_IB_DISABLE=1 is set. null: the profile's typical link (plan says so).",
+    )
+    interconnect_gbps: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Line rate per node in Gbit/s when it differs from the named link's (e.g. 8 NICs: 1600)."
+    )
+    nccl_socket_ifname: str | None = Field(
+        default=None,
+        description="Network interface(s) NCCL and gloo use between nodes (NCCL_SOCKET_IFNAME, e.g. 'eth0' or '^lo,docker').",
+    )
+    nccl_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra NCCL_* variables for every training worker; they override the profile's (e.g. {NCCL_DEBUG: INFO}).",
+    )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each training worker requests, e.g. {rtx4090: 1} for nodes started with "
+        "`ray start --resources '{\"rtx4090\": 4}'` (another way to pin workers to a node type).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data):
+        return _hardware_defaults(data)
+
+    @field_validator("nccl_env")
+    @classmethod
+    def _nccl_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = sorted(k for k in value if not k.startswith("NCCL_"))
+        if bad:
+            raise ValueError(f"keys must be NCCL_* variables; not: {', '.join(bad)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_hardware(self) -> "HardwareSpec":
+        names = [p.name for p in self.nodes]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"nodes: pool names must be unique; repeated: {', '.join(repeated)}")
+        for i, pool in enumerate(self.nodes):
+            if pool.profile is None and self.profile is None:
+                raise ValueError(f"nodes.{i}.profile is not set and neither is hardware.profile; set one (e.g. rtx4090)")
+        if self.nodes:
+            total = sum(p.workers for p in self.nodes)
+            if self.num_workers != total:
+                shape = " + ".join(f"{p.count}x{p.gpus_per_node}" for p in self.nodes)
+                raise ValueError(
+                    f"num_workers is {self.num_workers} but the node pools hold {shape} = {total} GPUs; "
+                    f"set num_workers: {total} or leave it out to derive it from nodes"
+                )
+        for name in self.profile_names():
+            gpu = _PROFILES[name].gpu
+            if gpu and not self.use_gpu:
+                raise ValueError(f"use_gpu is false but profile '{name}' is a GPU; set use_gpu: true (or leave it out)")
+            if not gpu and self.use_gpu:
+                raise ValueError("use_gpu is true but profile 'cpu' has no GPU; set use_gpu: false or a GPU profile")
+        return self
+
+    def profile_names(self) -> list[str]:
+        """The profiles this run uses (pools first, else hardware.profile), without repeats."""
+        names = [p.profile or self.profile for p in self.nodes] or ([self.profile] if self.profile else [])
+        return list(dict.fromkeys(n for n in names if n))
 
 
 class TrackingSpec(Strict):

@@ -1,15 +1,16 @@
 """Training checkpoints: what a resumed run needs to continue exactly where it stopped.
 
-A checkpoint folder holds::
+A checkpoint folder holds what the strategy writes plus the EMA and the train state::
 
-    transformer.safetensors   the trained weights (unwrapped from DDP)
-    optimizer.pt              optimizer and lr-scheduler state
-    state.json                step, micro-batch position, manifest fingerprint; written LAST
+    DDP:        transformer.safetensors, optimizer.pt (optimizer, lr schedule, fp16 loss scaler)
+    DeepSpeed:  deepspeed/zero/...  (every rank's ZeRO shards; lr schedule in the client state)
+    ema.safetensors or ema-rank-NNNNN.safetensors (ZeRO-3: one partition per rank), when EMA is on
+    state.json  step, micro-batch position, manifest fingerprint; written LAST, by rank 0
 
-The folder is written under a fresh temporary directory and handed to Ray Train, which copies
-it into the run's storage and only then records it as the latest checkpoint. ``state.json`` is
-written last, so a folder without it is incomplete and ``load`` refuses it instead of resuming
-from half a checkpoint.
+Every rank writes its part into its own fresh temporary folder and reports it to Ray Train,
+which copies all ranks' folders into one checkpoint in the run's storage and only then records
+it as the latest. ``state.json`` is written last, so a folder without it is incomplete and
+``load`` refuses it instead of resuming from half a checkpoint.
 
 Randomness needs no saved state: the noise and timesteps of micro-batch ``i`` on rank ``r`` come
 from a generator seeded by ``(seed, r, i)`` (see ``train.loop``), and the data order is a pure
@@ -23,34 +24,33 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
-WEIGHTS = "transformer.safetensors"
-OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 
 
 @dataclass
 class TrainState:
-    step: int  # optimizer steps completed
+    step: int  # optimizer steps completed (skipped non-finite steps included)
     micro_batches: int  # micro-batches consumed (step * gradient_accumulation_steps)
     fingerprint: str  # identity of the training spec that produced this checkpoint
     loss: float
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient, in total
+    nonfinite_in_a_row: int = 0  # ... and how many of the latest were, in a row
 
 
 class IncompleteCheckpoint(RuntimeError):
     pass
 
 
-def save(folder: Path, *, model: torch.nn.Module, optimizer, lr_scheduler, state: TrainState) -> None:
+def save(folder: Path, *, strategy, ema, state: TrainState, rank: int) -> None:
+    """This rank's part of a checkpoint (collective under DeepSpeed: every rank must call it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(folder / WEIGHTS))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, folder / OPTIMIZER)
-    tmp = folder / (STATE + ".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=2))
-    os.replace(tmp, folder / STATE)
+    strategy.save(folder, rank)
+    if ema is not None:
+        ema.save(folder, rank)
+    if rank == 0:
+        tmp = folder / (STATE + ".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=2))
+        os.replace(tmp, folder / STATE)
 
 
 def read_state(folder: Path) -> TrainState:
@@ -60,10 +60,9 @@ def read_state(folder: Path) -> TrainState:
     return TrainState(**json.loads(path.read_text()))
 
 
-def load(folder: Path, *, model: torch.nn.Module, optimizer, lr_scheduler, device: torch.device) -> TrainState:
+def load(folder: Path, *, strategy, ema, rank: int) -> TrainState:
     state = read_state(folder)
-    model.load_state_dict(load_file(str(folder / WEIGHTS), device=str(device)))
-    saved = torch.load(folder / OPTIMIZER, map_location=device, weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    strategy.load(folder)
+    if ema is not None:
+        ema.load(folder, rank)
     return state

@@ -1,10 +1,12 @@
 """The training loop each Ray Train worker runs.
 
-One readable loop, top to bottom: load the cached data and the transformer, restore the latest
-checkpoint if Ray hands us one, then per optimizer step draw ``gradient_accumulation_steps``
-micro-batches, compute the rectified-flow loss, clip, step, log, and checkpoint every
-``checkpoint_every`` steps. At the end rank 0 exports the diffusers pipeline and renders the
-validation prompts.
+One readable loop, top to bottom: load the cached data and the transformer, hand it to the
+strategy (DDP or DeepSpeed ZeRO, ``train.strategy``; the loop does not know which), restore the
+latest checkpoint if Ray hands us one, then per optimizer step draw ``gradient_accumulation_steps``
+micro-batches, compute the rectified-flow loss, step (clipping; a non-finite step is skipped and
+counted), update the EMA, log, and checkpoint every ``checkpoint_every`` steps. At the end every
+rank helps gather the weights (the EMA's with ``ema.use_for_export``), rank 0 exports the diffusers
+pipeline and renders the validation prompts from the export.
 
 Determinism: the data order is a function of (seed, micro-batch index) (``data.sampler``) and
 the noise / timesteps of micro-batch ``i`` on rank ``r`` come from a generator seeded by
@@ -14,9 +16,9 @@ would have seen, with no RNG state to save.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +28,11 @@ import torch
 
 from sana_ray.manifest.schema import Manifest
 from sana_ray.train import checkpoint as ckpt
+from sana_ray.train.activations import enable_gradient_checkpointing
+from sana_ray.train.ema import EMA
+from sana_ray.train.nonfinite import NonFiniteGuard
 from sana_ray.train.optim import build_lr_scheduler, build_optimizer
+from sana_ray.train.strategy import build_strategy
 
 
 @dataclass
@@ -51,17 +57,6 @@ def micro_batch_seed(seed: int, rank: int, micro_batch: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on a GPU that supports it; fp32 (no autocast) otherwise and always on CPU."""
-    if device.type != "cuda" or mixed_precision == "fp32":
-        return None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if mixed_precision == "bf16":
-        raise RuntimeError("mixed_precision: bf16 was requested but this GPU does not support bf16; use fp32")
-    return None
-
-
 def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -79,7 +74,6 @@ def train_func(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.hardware.cpus_per_worker)))
-    amp_dtype = autocast_dtype(training.mixed_precision, device)
     accumulation = training.gradient_accumulation_steps
 
     # --- data: every worker holds the (small) cached latents and embeddings; the plan decides
@@ -87,22 +81,25 @@ def train_func(config: dict) -> None:
     data = load_cache(cfg.cache)
     plan = cfg.cache.batch_plan(training.batch_size, world_size, training.seed)
 
-    # --- model, optimizer, schedule; restore before wrapping in DDP.
+    # --- model, optimizer, schedule, strategy (DDP or DeepSpeed ZeRO), EMA; then restore.
     transformer = load_transformer(cfg.model_source, revision=spec.model.revision, variant=spec.model.variant)
     transformer.to(device)
     if training.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(transformer, training.gradient_checkpointing_interval)
     transformer.train()
     optimizer = build_optimizer(transformer.parameters(), training)
     lr_scheduler = build_lr_scheduler(optimizer, training)
+    strategy = build_strategy(training, spec.hardware, device, world_size)
+    strategy.prepare(transformer, optimizer, lr_scheduler)
+    ema = EMA(strategy.local_weights(), training.ema, sharded=strategy.shards_weights) if training.ema.enabled else None
     state = ckpt.TrainState(step=0, micro_batches=0, fingerprint=cfg.fingerprint, loss=math.nan)
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
-            state = ckpt.load(Path(folder), model=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler, device=device)
+            state = ckpt.load(Path(folder), strategy=strategy, ema=ema, rank=rank)
         if rank == 0:
             print(f"[sana-ray] resuming from step {state.step} (checkpoint {restored.path})", flush=True)
-    model = ray.train.torch.prepare_model(transformer, move_to_device=False)
+    guard = NonFiniteGuard(training.max_nonfinite_steps, total=state.nonfinite_steps, in_a_row=state.nonfinite_in_a_row)
 
     logger = RunLogger(cfg.mlflow_tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
     run_dir = Path(cfg.run_dir)
@@ -110,10 +107,12 @@ def train_func(config: dict) -> None:
 
     while state.step < training.steps:
         started = time.perf_counter()
+        first_micro_batch = state.micro_batches
         loss_sum = torch.zeros((), device=device)
         for k in range(accumulation):
-            micro_batch = state.micro_batches + k
-            batch = data.batch(plan.batch(micro_batch, rank))
+            micro_batch = first_micro_batch + k
+            # key: which caption line and whether caption dropout fires are decided per (seed, rank, micro-batch)
+            batch = data.batch(plan.batch(micro_batch, rank), key=(training.seed, rank, micro_batch))
             latents = batch["latents"].to(device)  # [B, C, h, w], already scaled by the VAE's scaling_factor
             prompt_embeds = batch["prompt_embeds"].to(device)  # [B, L, C_text]
             prompt_mask = batch["prompt_attention_mask"].to(device)  # [B, L]
@@ -129,24 +128,14 @@ def train_func(config: dict) -> None:
             )
             sigmas = shift_sigmas(u, training.flow_shift).to(device)
             noise = torch.randn(latents.shape, generator=generator).to(device)
-            # DDP all-reduces on every backward unless told not to; only the last micro-batch
-            # of an accumulation window needs it.
-            sync = k == accumulation - 1 or world_size == 1
-            with contextlib.ExitStack() as stack:
-                if not sync:
-                    stack.enter_context(model.no_sync())
-                if amp_dtype is not None:
-                    stack.enter_context(torch.autocast(device.type, dtype=amp_dtype))
-                loss = flow_matching_loss(model, latents, prompt_embeds, prompt_mask, sigmas=sigmas, noise=noise)
-                (loss / accumulation).backward()
-            loss_sum += loss.detach()
+            # The strategy handles gradient sync (DDP no_sync / ZeRO boundaries) and autocast.
+            with strategy.micro_batch(last=k == accumulation - 1):
+                loss = flow_matching_loss(strategy.model, latents, prompt_embeds, prompt_mask, sigmas=sigmas, noise=noise)
+                strategy.backward(loss)
+            loss_sum += loss.detach().float()
 
-        max_norm = training.max_grad_norm if training.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        lr = lr_scheduler.get_last_lr()[0]
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = strategy.lr()
+        result = strategy.step()  # clip; skip a non-finite gradient; advance the lr schedule
         state.step += 1
         state.micro_batches += accumulation
 
@@ -154,60 +143,123 @@ def train_func(config: dict) -> None:
         if world_size > 1:
             torch.distributed.all_reduce(mean_loss, op=torch.distributed.ReduceOp.AVG)
         state.loss = float(mean_loss)
+        skipped = guard.observe(
+            state.step, state.loss, result.applied, strategy.loss_scaling,
+            batch_files=lambda: _batch_files(cfg.cache, plan, first_micro_batch, accumulation, world_size),
+        )
+        state.nonfinite_steps, state.nonfinite_in_a_row = guard.total, guard.in_a_row
+        if ema is not None:
+            ema.update(strategy.local_weights(), state.step)
         step_time = time.perf_counter() - started
 
-        if logger is not None and (state.step % training.log_every == 0 or state.step == training.steps):
+        if logger is not None and (state.step % training.log_every == 0 or state.step == training.steps or skipped):
             metrics = {
                 "loss": state.loss,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": result.grad_norm,
                 "step_time_s": step_time,
                 "samples_per_s": samples_per_step / step_time,
+                "nonfinite_steps": guard.total,
             }
-            logger.log_metrics(metrics, step=state.step)
+            logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=state.step)
             print(
                 f"[sana-ray] step {state.step}/{training.steps}  loss {state.loss:.4f}  lr {lr:.2e}  "
-                f"grad_norm {float(grad_norm):.3f}  {samples_per_step / step_time:.1f} samples/s",
+                f"grad_norm {result.grad_norm:.3f}  {samples_per_step / step_time:.1f} samples/s"
+                + ("  (non-finite: skipped)" if skipped else ""),
                 flush=True,
             )
 
         if state.step % training.checkpoint_every == 0 or state.step == training.steps:
-            _report_checkpoint(rank, transformer, optimizer, lr_scheduler, state)
+            _report_checkpoint(rank, strategy, ema, state)
+        _injected_fault(state.step, run_dir)
 
         if (
-            rank == 0
-            and spec.validation.prompts
+            spec.validation.prompts
             and spec.validation.every_steps
             and state.step % spec.validation.every_steps == 0
             and state.step < training.steps
         ):
-            _validate(transformer, spec, cfg, device, run_dir / "validation" / f"step-{state.step:06d}", logger, state.step)
+            weights = _export_weights(strategy, ema, use_ema=False)  # every rank: ZeRO-3 gathers
+            if rank == 0:
+                _validate(_plain_transformer(strategy, weights), spec, cfg, device,
+                          run_dir / "validation" / f"step-{state.step:06d}", logger, state.step)
 
+    weights = _export_weights(strategy, ema, use_ema=ema is not None and training.ema.use_for_export)
     if rank == 0:
-        _finish(transformer, spec, cfg, device, run_dir, logger, state.step)
+        _finish(_plain_transformer(strategy, weights), spec, cfg, device, run_dir, logger, state.step)
 
 
-def _report_checkpoint(rank: int, transformer, optimizer, lr_scheduler, state: ckpt.TrainState) -> None:
-    """Every rank reports (Ray's report is a barrier); rank 0 attaches the checkpoint.
+FAULT_ENV = "SANA_RAY_FAULT_AT_STEP"
 
-    DDP keeps the weights identical on every rank, so one copy is the whole model.
-    """
+
+def _injected_fault(step: int, run_dir: Path) -> None:
+    """Testing aid: with SANA_RAY_FAULT_AT_STEP=N in the driver's environment, rank 0 fails once
+    after step N (a marker in the run folder remembers it), so Ray Train restarts the workers from
+    the latest checkpoint: the tests' way of interrupting a run at a known point."""
+    at = os.environ.get(FAULT_ENV)
+    if not at or step != int(at):
+        return
     import ray.train
 
+    marker = run_dir / f".fault-injected-at-{step}"
+    if ray.train.get_context().get_world_rank() == 0 and not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"{FAULT_ENV}={at}: injected failure after step {step}")
+
+
+def _batch_files(cache, plan, first_micro_batch: int, accumulation: int, world_size: int) -> list[str]:
+    """The image files of one optimizer step: every micro-batch of the window, every rank."""
+    indices = [
+        i
+        for micro_batch in range(first_micro_batch, first_micro_batch + accumulation)
+        for rank in range(world_size)
+        for i in plan.batch(micro_batch, rank)
+    ]
+    return sorted({cache.image_paths[i] for i in indices})
+
+
+def _report_checkpoint(rank: int, strategy, ema, state: ckpt.TrainState) -> None:
+    """Every rank writes its part (DeepSpeed: its ZeRO shards) and reports it; Ray Train merges the
+    ranks' folders into one checkpoint. ``report`` is a barrier, so every rank calls it."""
+    import ray.train
+
+    if not strategy.weights_finite():  # collective; the guard makes this unreachable, but never save NaNs
+        raise FloatingPointError(f"non-finite weights at step {state.step}: refusing to checkpoint them")
     metrics = {"step": state.step, "loss": state.loss}
     name = f"checkpoint-{state.step:06d}"
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-        return
-    if not math.isfinite(state.loss):
-        raise FloatingPointError(f"loss is {state.loss} at step {state.step}: refusing to checkpoint non-finite weights")
     with tempfile.TemporaryDirectory(prefix="sana-ray-ckpt-") as folder:
-        ckpt.save(Path(folder), model=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler, state=state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        ckpt.save(Path(folder), strategy=strategy, ema=ema, state=state, rank=rank)
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if any(Path(folder).iterdir()) else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def _export_weights(strategy, ema, *, use_ema: bool) -> dict | None:
+    """Full fp32 weights on rank 0 (None elsewhere); every rank must call (ZeRO-3 gathers)."""
+    weights = strategy.full_state_dict()
+    if use_ema:
+        averaged = strategy.gather_weights(ema.shadow)
+        if weights is not None:
+            weights.update(averaged)
+    return weights
+
+
+def _plain_transformer(strategy, weights: dict):
+    """A plain fp32 transformer (no DDP / DeepSpeed) on the CPU holding ``weights``."""
+    module = strategy.module
+    transformer = type(module).from_config(module.config)
+    transformer.load_state_dict(weights)
+    return transformer.eval()
 
 
 def _validation_resolution(spec) -> int:
-    return spec.validation.resolution or spec.datasets[0].resolution
+    """validation.resolution, else the first training image dataset's size in pixels (a multiple of 32)."""
+    if spec.validation.resolution:
+        return spec.validation.resolution
+    dataset = next(d for d in spec.datasets if d.dataset_type == "image" and not d.disabled)
+    if dataset.resolution_type == "area":  # megapixels -> side of the equivalent square
+        side = (dataset.resolution * 1e6) ** 0.5
+        return max(32, int(round(side / 32)) * 32)
+    return int(dataset.resolution)
 
 
 def _validate(transformer, spec, cfg: WorkerConfig, device, out_dir: Path, logger, step: int) -> None:

@@ -75,3 +75,34 @@ def test_bad_arguments():
         plan.batch(0, 2)
     with pytest.raises(ValueError):
         BatchPlan([0, 0], [0], batch_size=1, world_size=1, seed=0)
+
+
+def test_probability_weights_fix_counts_and_vary_subsets():
+    # Dataset 0: 8 samples at weight 1; dataset 1: 8 samples at weight 0.5 (same bucket).
+    buckets = [0] * 16
+    groups = [0] * 8 + [1] * 8
+    weights = [1.0] * 8 + [0.5] * 8
+    plan = BatchPlan(buckets, None, batch_size=2, world_size=2, seed=0, weights=weights, groups=groups)
+    assert plan.samples_per_epoch == 12 and plan.global_batches_per_epoch() == 3  # 8 + round(0.5 x 8)
+    subsets = []
+    for epoch in range(4):
+        draws = [i for index in range(epoch * 3, epoch * 3 + 3) for r in range(2) for i in plan.batch(index, r)]
+        counts = Counter(draws)
+        assert all(counts[i] == 1 for i in range(8))  # weight 1: every sample once
+        subsets.append(frozenset(i for i in counts if i >= 8))
+        assert len(subsets[-1]) == 4  # half of dataset 1
+    assert len(set(subsets)) > 1  # a different half each epoch
+    # A weight above 1 oversamples: whole copies plus a fraction.
+    plan = BatchPlan([0] * 4, None, batch_size=1, world_size=1, seed=0, weights=[2.5] * 4, groups=[0] * 4)
+    assert plan.samples_per_epoch == 10
+    counts = Counter(plan.batch(i, 0)[0] for i in range(10))
+    assert sorted(counts.values()) == [2, 2, 3, 3]
+    # Determinism and resume are unchanged with weights.
+    again = BatchPlan(buckets, None, batch_size=2, world_size=2, seed=0, weights=weights, groups=groups)
+    plan = BatchPlan(buckets, None, batch_size=2, world_size=2, seed=0, weights=weights, groups=groups)
+    assert [again.batch(i, 1) for i in range(7, 20)] == [plan.batch(i, 1) for i in range(7, 20)]
+
+
+def test_too_small_error_uses_bucket_labels():
+    with pytest.raises(SamplerError, match=r"512x512 px: 3, 512x768 px: 1 \(largest: 3\)"):
+        BatchPlan([0, 0, 0, 1], None, batch_size=2, world_size=2, seed=0, bucket_labels=["512x512 px", "512x768 px"])

@@ -111,3 +111,82 @@ def test_package_import_is_light():
     code = "import sys, sana_ray.data; from sana_ray.data import discover_samples, BatchPlan; print(sorted(m for m in ('torch', 'ray', 'diffusers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+def test_textfile_lines_are_caption_choices(tmp_path: Path):
+    _png(tmp_path / "cat.png")
+    (tmp_path / "cat.txt").write_text("a cat\n\n a grey cat \na cat\n")
+    samples, _ = discover_samples(DatasetSpec(name="t", path=tmp_path))
+    assert samples[0].caption == "a cat" and samples[0].choices == ("a cat", "a grey cat")  # unique, in order
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_metadata_file_captions(tmp_path: Path, kind: str):
+    root = tmp_path / "data"
+    for name in ("a.png", "sub/b.png", "c.png"):
+        _png(root / name)
+    rows = [
+        {"image": "a.png", "text": "a red square"},
+        {"image": "sub/b.png", "text": ["a red block", "a crimson square"]},  # several choices
+        {"image": "gone.png", "text": "listed but missing"},
+    ]
+    if kind == "jsonl":
+        import json
+
+        (root / "meta.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    elif kind == "csv":
+        import csv
+        import json
+
+        with open(root / "meta.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["image", "text"])
+            writer.writeheader()
+            for row in rows:
+                text = row["text"] if isinstance(row["text"], str) else json.dumps(row["text"])
+                writer.writerow({"image": row["image"], "text": text})
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"image": [r["image"] for r in rows],
+                          "text": [r["text"] if isinstance(r["text"], list) else [r["text"]] for r in rows]})
+        pq.write_table(table, root / "meta.parquet")
+    spec = DatasetSpec(name="m", path=root, caption_strategy="metadata", metadata_file=f"meta.{kind}",
+                       file_column="image", caption_column="text")
+    samples, report = discover_samples(spec)
+    by_name = {Path(s.image_path).name: s.choices for s in samples}
+    assert by_name == {"a.png": ("a red square",), "b.png": ("a red block", "a crimson square")}
+    assert [Path(p).name for p in report.skipped["missing caption"]] == ["c.png"]
+    assert [Path(p).name for p in report.skipped["metadata row without image"]] == ["gone.png"]
+    # A wrong column name is a clear error naming the columns the file has.
+    with pytest.raises(DataError, match="has no 'file' column"):
+        discover_samples(spec.model_copy(update={"file_column": "file"}))
+
+
+def test_metadata_strategy_needs_a_file():
+    with pytest.raises(ValueError, match="metadata_file"):
+        DatasetSpec(name="m", path=".", caption_strategy="metadata")
+
+
+def test_disabled_text_store_and_eval_entries(tmp_path: Path):
+    from sana_ray.data.samples import discover_datasets, text_store
+
+    _png(tmp_path / "a" / "x.png")
+    _png(tmp_path / "e" / "y.png")
+    specs = [
+        DatasetSpec(name="train", path=tmp_path / "a", caption_strategy="filename", repeats=2, probability=0.5),
+        DatasetSpec(name="held-out", path=tmp_path / "e", caption_strategy="filename", dataset_type="eval"),
+        DatasetSpec(name="off", path=tmp_path / "does-not-exist", disabled=True),
+        DatasetSpec(name="text", dataset_type="text_embeds", write_batch_size=64, cache_dir="t"),
+    ]
+    found = discover_datasets(specs)
+    assert [(d.name, r.role) for d, _, r in found] == [("train", "train"), ("held-out", "eval")]
+    assert found[0][2].samples_per_epoch == 2  # round(0.5 x 1 image x 3 passes)
+    assert found[1][2].samples_per_epoch == 0  # never trained on
+    assert text_store(specs).write_batch_size == 64
+    with pytest.raises(DataError, match="only one dataset_type text_embeds"):
+        text_store(specs + [specs[-1].model_copy(update={"name": "text2"})])
+    with pytest.raises(DataError, match="at least one must be trained on"):
+        discover_datasets(specs[1:])
+    with pytest.raises(ValueError, match="takes only name, cache_dir"):
+        DatasetSpec(name="text", dataset_type="text_embeds", resolution=512)

@@ -123,10 +123,10 @@ def test_validation_resolution_must_also_be_a_multiple_of_32(tmp_path):
 
 
 def test_literal_error_lists_the_allowed_values(tmp_path):
-    err, _ = problems_for(tmp_path, VALID.replace("mixed_precision: auto", "mixed_precision: fp16"))
+    err, _ = problems_for(tmp_path, VALID.replace("mixed_precision: auto", "mixed_precision: bf61"))
     p = only(err)
     assert (p.line, p.path) == (15, "spec.training.mixed_precision")
-    assert p.message == "must be one of 'auto', 'bf16', 'fp32'; got 'fp16'"
+    assert p.message == "must be one of 'auto', 'bf16', 'fp16', 'fp32'; got 'bf61'"
     assert p.hint == "did you mean 'bf16'?"
 
 

@@ -1,0 +1,594 @@
+"""`sana-ray plan`: will a manifest fit, how fast will it run, and what will communication cost?
+
+Pure arithmetic from the manifest and the hardware profiles (standard library only: no torch,
+no Ray), so it answers in well under a second on a laptop, before anything is rented.
+
+Notation: P = trainable parameters of the Sana transformer, n = training workers (GPUs),
+B = batch_size per worker, a = gradient_accumulation_steps, T = image tokens per sample,
+L = text tokens per sample (model.max_sequence_length), D = hidden size, layers = blocks.
+
+Memory per GPU (bytes)
+    ddp (what the trainer does today: fp32 weights, bf16 autocast, torch AdamW):
+        weights 4P, gradients 4P (+4P for DDP's fp32 buckets when n > 1), AdamW moments 8P,
+        plus a transient 4P while torch's foreach AdamW steps (its sqrt(v) temporary).
+    DeepSpeed ZeRO with bf16 (ZeRO paper's accounting, K = 12: fp32 master + two moments):
+        stage 1: 2P + 2P + 12P/n;  stage 2: 2P + 2P/n + 12P/n;  stage 3: (2P + 2P + 12P)/n
+        plus two gathered blocks (2 x 2 x block params) of working set;
+        offload_optimizer moves the 12P/n to host RAM, offload_param (stage 3) the 2P/n.
+    activations (bf16 autocast; fp32 doubles them):
+        per block and sample: 80 bytes x T x D (ACT_BYTES_PER_TOKEN_DIM, assumed: ~40 bf16
+        tensors of width D per token) + 4 bytes x L x cross dim (text K and V);
+        gradient checkpointing keeps only each block's fp32 input (4 x T x D) and recomputes
+        one block at a time.
+    peak = weights + gradients + optimizer + max(activations, optimizer transient), compared
+    with USABLE_MEMORY_FRACTION (92%) of the profile's memory.
+
+Compute per sample (forward, FLOPs; the 6·N·tokens rule written out for Sana's blocks)
+    per block: 2T (4D^2 self-attn q,k,v,out + 2 D Dc cross q,out + 3 D H feed-forward 1x1 convs
+               + 18 H depthwise 3x3)            [H = mlp_ratio x D, Dc = cross heads x head dim]
+             + 4 T D d   linear self-attention (K^T V, then Q (K^T V)), d = head dim
+             + 4 T L Dc  cross-attention scores and values
+             + 4 L Cx Dc text K, V projections  [Cx = cross_attention_dim]
+    outside blocks: 2T (in p^2 D + D p^2 out) + 2L (C D + D^2) caption projection
+                    + 2 (256 D + 7 D^2) timestep embedding
+    training = forward x (3 + 1 with gradient checkpointing: the recomputed forward)
+    time per micro-batch = B x training FLOPs / (profile TFLOPS x MFU), MFU assumed 0.35.
+
+Communication per optimizer step (ring collectives, bytes each GPU sends)
+    ddp:    2(n-1)/n x 4P once per step (fp32 gradients; accumulation runs under no_sync)
+    zero-1: 2(n-1)/n x 2P once per step (reduce-scatter bf16 grads, all-gather bf16 params)
+    zero-2:  (n-1)/n x 2P per micro-batch (reduce-scatter) + (n-1)/n x 2P per step
+    zero-3: 3(n-1)/n x 2P per micro-batch (two all-gathers and a reduce-scatter)
+    time = bytes / the slowest link in the ring: the inter-node link when there are several
+    nodes, else the GPUs' own (NVLink, PCIe, or PCIe through host memory without P2P).
+    Offload adds the CPU AdamW (CPU_ADAM_PARAMS_PER_S per worker, assumed) and PCIe copies.
+    step time = a x micro-batch time + communication + offload (no overlap: an upper bound).
+
+Accumulation to keep communication under a fraction f of the step: with per-step cost p,
+per-micro-batch cost q and other per-step time o (offload),
+(p + q a)(1 - f) <= f (a t + o)  =>  a >= (p(1 - f) - f o) / (f t - q(1 - f)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sana_ray.hardware import GIB, INTERCONNECTS, PROFILES, Interconnect, Profile, interconnect, nccl_env
+
+ASSUMED_MFU = 0.35
+ACT_BYTES_PER_TOKEN_DIM = 80  # bf16 activations kept per block, per image token, per unit of hidden size
+CPU_ADAM_PARAMS_PER_S = 0.5e9  # DeepSpeed's CPU Adam, per worker (assumed)
+DEFAULT_MAX_COMM_FRACTION = 0.2
+DC_AE_DOWNSAMPLE = 32  # Sana's DC-AE (f32c32)
+
+# SanaTransformer2DModel configs (diffusers). 1.6B = diffusers' defaults (= the released
+# Sana_1600M_* transformer/config.json); 600M = the released Sana_600M_* config.
+SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                  num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                  caption_channels=2304, mlp_ratio=2.5, patch_size=1)
+SANA_600M = dict(in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=28,
+                 num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152,
+                 caption_channels=2304, mlp_ratio=2.5, patch_size=1)
+KNOWN_MODELS = {"sana-600m": SANA_600M, "sana-1600m": SANA_1600M}
+
+
+class PlanError(Exception):
+    """A manifest that cannot be planned; the message names the field and the fix."""
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SanaShape:
+    name: str
+    layers: int
+    dim: int  # D = heads x head dim
+    head_dim: int
+    cross_dim: int  # Dc = cross heads x cross head dim
+    cross_in: int  # cross_attention_dim (width of the projected text)
+    caption_channels: int
+    mlp_hidden: int  # H
+    in_channels: int
+    out_channels: int
+    patch: int
+    downsample: int  # VAE spatial factor
+
+    @classmethod
+    def from_config(cls, name: str, config: dict, downsample: int = DC_AE_DOWNSAMPLE) -> "SanaShape":
+        heads, head_dim = config.get("num_attention_heads", 70), config.get("attention_head_dim", 32)
+        dim = heads * head_dim
+        cross_heads = config.get("num_cross_attention_heads", 20)
+        cross_head_dim = config.get("cross_attention_head_dim", 112)
+        return cls(
+            name=name,
+            layers=config.get("num_layers", 20),
+            dim=dim,
+            head_dim=head_dim,
+            cross_dim=cross_heads * cross_head_dim,
+            cross_in=config.get("cross_attention_dim", 2240),
+            caption_channels=config.get("caption_channels", 2304),
+            mlp_hidden=int(config.get("mlp_ratio", 2.5) * dim),
+            in_channels=config.get("in_channels", 32),
+            out_channels=config.get("out_channels") or config.get("in_channels", 32),
+            patch=config.get("patch_size", 1),
+            downsample=downsample,
+        )
+
+    @property
+    def block_params(self) -> int:
+        D, Dc, H = self.dim, self.cross_dim, self.mlp_hidden
+        self_attn = 4 * D * D + D  # q, k, v without bias; out with bias
+        cross_attn = D * Dc + Dc + 2 * (self.cross_in * Dc + Dc) + Dc * D + D
+        feed_forward = (D * 2 * H + 2 * H) + (2 * H * 9 + 2 * H) + H * D  # GLUMBConv
+        return self_attn + cross_attn + feed_forward + 6 * D  # + scale_shift_table
+
+    @property
+    def params(self) -> int:
+        D, p2 = self.dim, self.patch**2
+        patch_embed = self.in_channels * p2 * D + D
+        time_embed = 256 * D + D + D * D + D + D * 6 * D + 6 * D
+        caption = self.caption_channels * D + D + D * D + D + D  # two linears + RMSNorm
+        out = 2 * D + D * p2 * self.out_channels + p2 * self.out_channels
+        return patch_embed + time_embed + caption + self.layers * self.block_params + out
+
+    def tokens(self, resolution: int) -> int:
+        side = resolution // self.downsample // self.patch
+        return side * side
+
+    def forward_flops(self, tokens: int, text_tokens: int) -> float:
+        """Forward FLOPs for one sample (see the module docstring)."""
+        T, L, D, Dc, H = tokens, text_tokens, self.dim, self.cross_dim, self.mlp_hidden
+        per_block = (
+            2 * T * (4 * D * D + 2 * D * Dc + 3 * D * H + 18 * H)
+            + 4 * T * D * self.head_dim
+            + 4 * T * L * Dc
+            + 4 * L * self.cross_in * Dc
+        )
+        p2 = self.patch**2
+        outside = (2 * T * (self.in_channels * p2 * D + D * p2 * self.out_channels)
+                   + 2 * L * (self.caption_channels * D + D * D) + 2 * (256 * D + 7 * D * D))
+        return self.layers * per_block + outside
+
+
+def _hub_cache_config(repo_id: str) -> dict | None:
+    root = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    folder = root / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    for config in sorted(folder.glob("*/transformer/config.json")) if folder.is_dir() else []:
+        return json.loads(config.read_text())
+    return None
+
+
+def model_shape(pretrained: str, model: str | None = None) -> SanaShape:
+    """The transformer's shape for ``model.pretrained`` (or ``model``: sana-600m, sana-1600m, tiny)."""
+    key = (model or pretrained).strip()
+    if key == "tiny":
+        from sana_ray.model.tiny import TRANSFORMER_CONFIG, VAE_CONFIG  # plain dicts; the module imports no torch
+
+        return SanaShape.from_config("tiny (random)", TRANSFORMER_CONFIG, 2 ** (len(VAE_CONFIG["encoder_block_out_channels"]) - 1))
+    if key.lower() in KNOWN_MODELS:
+        return SanaShape.from_config(key.lower(), KNOWN_MODELS[key.lower()])
+    local = Path(key) / "transformer" / "config.json"
+    config = json.loads(local.read_text()) if local.is_file() else _hub_cache_config(key) if "/" in key else None
+    if config is not None:
+        return SanaShape.from_config(key, config)
+    if re.search(r"1600M|1\.6B", key, re.IGNORECASE):
+        return SanaShape.from_config(f"{key} (Sana 1.6B config)", SANA_1600M)
+    if re.search(r"600M|0\.6B", key, re.IGNORECASE):
+        return SanaShape.from_config(f"{key} (Sana 600M config)", SANA_600M)
+    raise PlanError(
+        f"model.pretrained: cannot tell the transformer's size of '{key}' (no transformer/config.json there or in "
+        f"the Hugging Face cache); pass --model sana-600m or --model sana-1600m"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    stage: int  # 0 = DDP
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("ddp", 0),
+        Strategy("zero1", 1),
+        Strategy("zero2", 2),
+        Strategy("zero2-offload", 2, offload_optimizer=True),
+        Strategy("zero3", 3),
+        Strategy("zero3-offload", 3, offload_optimizer=True),
+        Strategy("zero3-offload-all", 3, offload_optimizer=True, offload_param=True),
+    )
+}
+
+
+def _truthy_offload(value) -> bool:
+    if value is None or value is False:
+        return False
+    if isinstance(value, str):
+        return value.lower() not in ("", "none", "false", "off", "no")
+    device = getattr(value, "device", None)
+    if device is not None:
+        return _truthy_offload(device)
+    if isinstance(value, dict):
+        return _truthy_offload(value.get("device", "cpu"))
+    return bool(value)
+
+
+def declared_strategy(hardware) -> str:
+    """'auto' or a key of STRATEGIES, from hardware.strategy (and a deepspeed block, however it is spelled)."""
+    strategy = str(getattr(hardware, "strategy", "ddp") or "ddp").lower()
+    if strategy in ("ddp", "auto") or strategy in STRATEGIES:
+        return strategy
+    if strategy in ("deepspeed", "zero"):
+        ds = getattr(hardware, "deepspeed", None)
+        if isinstance(ds, dict):
+            get = ds.get
+        else:
+            def get(key, default=None):
+                return getattr(ds, key, default)
+        zero = get("zero_optimization") or {}
+        stage = get("stage") or get("zero_stage") or (zero.get("stage") if isinstance(zero, dict) else None) or 2
+        opt = get("offload_optimizer") or (zero.get("offload_optimizer") if isinstance(zero, dict) else None)
+        par = (get("offload_params") or get("offload_param")
+               or (zero.get("offload_param") if isinstance(zero, dict) else None))
+        name = f"zero{int(stage)}"
+        if _truthy_offload(par) and int(stage) == 3:
+            return "zero3-offload-all"
+        if _truthy_offload(opt):
+            return "zero3-offload" if int(stage) == 3 else "zero2-offload"
+        return name
+    raise PlanError(f"hardware.strategy: '{strategy}' is not one sana-ray plan knows (ddp, deepspeed, auto)")
+
+
+# --------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pool:
+    name: str
+    profile: Profile
+    nodes: int
+    gpus_per_node: int
+
+    @property
+    def workers(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Memory:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    transient: float  # optimizer-step temporaries (not held during backward)
+    host: float  # offloaded to CPU RAM, per worker
+    usable: float
+
+    @property
+    def peak(self) -> float:
+        return self.weights + self.gradients + self.optimizer + max(self.activations, self.transient)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.usable
+
+
+@dataclass
+class StrategyPlan:
+    strategy: Strategy
+    memory: dict[str, Memory]  # per pool
+    micro_s: float  # slowest pool's compute time per micro-batch
+    comm_bytes: float  # sent per GPU per optimizer step
+    comm_s: float
+    offload_s: float
+    step_s: float
+    samples_per_s: float
+    comm_fraction: float
+    accumulation_for_target: int | None  # None: no accumulation brings comm under the target
+
+    @property
+    def fits(self) -> bool:
+        return all(m.fits for m in self.memory.values())
+
+
+@dataclass
+class Plan:
+    model: SanaShape
+    params: int
+    resolution: int
+    tokens: int
+    text_tokens: int
+    batch_size: int
+    accumulation: int
+    checkpointing: bool
+    precision: str
+    world: int
+    pools: list[Pool]
+    link: Interconnect | None  # None: one node
+    link_assumed: bool
+    bandwidth: float  # bytes/s of the ring's slowest link
+    mfu: float
+    max_comm_fraction: float
+    declared: str
+    strategies: dict[str, StrategyPlan]
+    env: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flops_per_sample(self) -> float:
+        factor = 4 if self.checkpointing else 3
+        return factor * self.model.forward_flops(self.tokens, self.text_tokens)
+
+    def best(self) -> StrategyPlan | None:
+        """The fastest strategy that fits (what `strategy: auto` picks); ties go to the simpler one."""
+        fitting = [p for p in self.strategies.values() if p.fits]
+        return min(fitting, key=lambda p: p.step_s) if fitting else None
+
+    @property
+    def chosen(self) -> StrategyPlan | None:
+        return self.best() if self.declared == "auto" else self.strategies[self.declared]
+
+
+def memory_per_gpu(shape: SanaShape, strategy: Strategy, *, world: int, batch: int, tokens: int, text_tokens: int,
+                   checkpointing: bool, precision: str, profile: Profile) -> Memory:
+    P, n = shape.params, world
+    if strategy.stage == 0:
+        weights, grads, optimizer = 4.0 * P, 4.0 * P * (2 if n > 1 else 1), 8.0 * P
+        transient, host = 4.0 * P, 0.0
+    else:
+        s = strategy.stage
+        weights = 2.0 * P / (n if s == 3 else 1)
+        grads = 2.0 * P / (n if s >= 2 else 1)
+        optimizer = 12.0 * P / n
+        transient, host = 0.0, 0.0
+        if s == 3:
+            weights += 2 * 2.0 * shape.block_params  # two gathered blocks (current + prefetch)
+        if strategy.offload_optimizer:
+            host += optimizer
+            optimizer = 0.0
+        if strategy.offload_param:
+            host += 2.0 * P / n
+            weights = 2 * 2.0 * shape.block_params
+    scale = 2.0 if precision == "fp32" else 1.0
+    per_block_sample = scale * ACT_BYTES_PER_TOKEN_DIM * tokens * shape.dim + 4.0 * text_tokens * shape.cross_dim
+    if checkpointing:
+        activations = batch * (shape.layers * 4.0 * tokens * shape.dim + per_block_sample)
+    else:
+        activations = batch * shape.layers * per_block_sample
+    return Memory(weights, grads, optimizer, activations, transient, host, profile.usable_memory_bytes)
+
+
+def comm_costs(strategy: Strategy, params: int, world: int) -> tuple[float, float]:
+    """(bytes per optimizer step, bytes per micro-batch) each GPU sends in ring collectives."""
+    if world == 1:
+        return 0.0, 0.0
+    ring = (world - 1) / world
+    if strategy.stage == 0:
+        return 2 * ring * 4.0 * params, 0.0
+    if strategy.stage == 1:
+        return 2 * ring * 2.0 * params, 0.0
+    if strategy.stage == 2:
+        return ring * 2.0 * params, ring * 2.0 * params
+    return 0.0, 3 * ring * 2.0 * params
+
+
+def accumulation_for(per_step_s: float, per_micro_s: float, micro_s: float, fraction: float,
+                     other_s: float = 0.0) -> int | None:
+    """Smallest a with (p + q a) <= f (a t + o + p + q a); None when no a gets there.
+
+    p, q: communication per step and per micro-batch; t: compute per micro-batch; o: other per-step time (offload).
+    """
+    def ok(a: int) -> bool:
+        return (per_step_s + per_micro_s * a) * (1 - fraction) <= fraction * (a * micro_s + other_s) * (1 + 1e-12)
+
+    denominator = fraction * micro_s - per_micro_s * (1 - fraction)
+    if denominator <= 0:  # more accumulation cannot lower the share
+        return 1 if ok(1) else None
+    return max(1, math.ceil((per_step_s * (1 - fraction) - fraction * other_s) / denominator - 1e-9))
+
+
+def _pools(hardware, profile_override: str | None) -> list[Pool]:
+    def resolve(name: str | None, where: str) -> Profile:
+        name = profile_override or name
+        if name is None:
+            if not hardware.use_gpu:
+                return PROFILES["cpu"]
+            raise PlanError(f"{where}: no hardware profile; set hardware.profile (e.g. rtx4090, l40s) or pass --profile")
+        if name not in PROFILES:
+            raise PlanError(f"--profile: unknown profile '{name}'; choose one of {', '.join(PROFILES)}")
+        return PROFILES[name]
+
+    if hardware.nodes:
+        return [Pool(p.name, resolve(p.profile or hardware.profile, f"hardware.nodes.{i}.profile"), p.count, p.gpus_per_node)
+                for i, p in enumerate(hardware.nodes)]
+    profile = resolve(hardware.profile, "hardware.profile")
+    return [Pool("all", profile, 1, hardware.num_workers)]
+
+
+def make_plan(manifest, *, profile: str | None = None, model: str | None = None, strategy: str | None = None,
+              mfu: float = ASSUMED_MFU, max_comm_fraction: float = DEFAULT_MAX_COMM_FRACTION) -> Plan:
+    """Plan a validated Manifest. ``profile``/``model``/``strategy`` override what the manifest says."""
+    spec = manifest.spec
+    hardware, training = spec.hardware, spec.training
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1]; got {mfu}")
+    if not 0 < max_comm_fraction < 1:
+        raise PlanError(f"--max-comm must be in (0, 1); got {max_comm_fraction}")
+    shape = model_shape(spec.model.pretrained, model)
+    pools = _pools(hardware, profile)
+    world = sum(p.workers for p in pools)
+    resolution = max(d.resolution for d in spec.datasets)
+    tokens, text_tokens = shape.tokens(resolution), spec.model.max_sequence_length
+    gpu = all(p.profile.gpu for p in pools)
+    # 16-bit autocast on GPUs (bf16; fp16 costs the same); fp32 when asked and always on CPU.
+    precision = ("fp16" if training.mixed_precision == "fp16" else "bf16") if gpu and training.mixed_precision != "fp32" else "fp32"
+    declared = (strategy or declared_strategy(hardware)).lower()
+    if declared != "auto" and declared not in STRATEGIES:
+        raise PlanError(f"--strategy: unknown '{declared}'; choose auto or one of {', '.join(STRATEGIES)}")
+
+    nodes = sum(p.nodes for p in pools)
+    notes: list[str] = []
+    link, assumed = None, False
+    if nodes > 1:
+        if hardware.interconnect:
+            link = interconnect(hardware.interconnect, hardware.interconnect_gbps)
+        else:
+            slowest = min((INTERCONNECTS[p.profile.typical_interconnect] for p in pools), key=lambda i: i.gbit_s)
+            link, assumed = interconnect(slowest.name, hardware.interconnect_gbps), True
+            notes.append(f"hardware.interconnect not set: assumed {link.name} (typical for {pools[0].profile.name} nodes)")
+    bandwidth = min([p.profile.intra_node_bandwidth() for p in pools if p.gpus_per_node > 1 or nodes == 1]
+                    + ([link.bandwidth] if link else []))
+
+    flops = (4 if training.gradient_checkpointing else 3) * shape.forward_flops(tokens, text_tokens)
+    batch, accumulation = training.batch_size, training.gradient_accumulation_steps
+    micro_s = max(batch * flops / (p.profile.tflops(precision) * 1e12 * mfu) for p in pools)
+
+    plans: dict[str, StrategyPlan] = {}
+    for s in STRATEGIES.values():
+        if s.stage and not gpu:
+            continue  # DeepSpeed on CPU works for tests, but is not something to plan a run with
+        memory = {p.name: memory_per_gpu(shape, s, world=world, batch=batch, tokens=tokens, text_tokens=text_tokens,
+                                         checkpointing=training.gradient_checkpointing, precision=precision,
+                                         profile=p.profile) for p in pools}
+        per_step, per_micro = comm_costs(s, shape.params, world)
+        per_step_s, per_micro_s = per_step / bandwidth, per_micro / bandwidth
+        comm_bytes = per_step + per_micro * accumulation
+        comm_s = per_step_s + per_micro_s * accumulation
+        offload_s = 0.0
+        if s.offload_optimizer:
+            pcie = min(p.profile.pcie_gbs for p in pools) * 1e9 * 0.8
+            offload_s += shape.params / world / CPU_ADAM_PARAMS_PER_S + 4.0 * shape.params / world / pcie
+            if s.offload_param:
+                offload_s += accumulation * 2 * 2.0 * shape.params / world / pcie
+        step_s = accumulation * micro_s + comm_s + offload_s
+        plans[s.name] = StrategyPlan(
+            strategy=s, memory=memory, micro_s=micro_s, comm_bytes=comm_bytes, comm_s=comm_s, offload_s=offload_s,
+            step_s=step_s, samples_per_s=world * batch * accumulation / step_s, comm_fraction=comm_s / step_s,
+            accumulation_for_target=accumulation_for(per_step_s, per_micro_s, micro_s, max_comm_fraction, offload_s),
+        )
+    if declared != "auto" and declared not in plans:
+        raise PlanError(f"hardware.strategy: {declared} needs GPUs; this manifest has none (use_gpu: false)")
+    env = nccl_env([p.profile.name for p in pools], link.name if link else hardware.interconnect,
+                   hardware.nccl_socket_ifname, hardware.nccl_env) if gpu else {}
+    return Plan(model=shape, params=shape.params, resolution=resolution, tokens=tokens, text_tokens=text_tokens,
+                batch_size=batch, accumulation=accumulation, checkpointing=training.gradient_checkpointing,
+                precision=precision, world=world, pools=pools, link=link, link_assumed=assumed, bandwidth=bandwidth,
+                mfu=mfu, max_comm_fraction=max_comm_fraction, declared=declared, strategies=plans, env=env, notes=notes)
+
+
+# --------------------------------------------------------------------------------------
+# Printing
+# --------------------------------------------------------------------------------------
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.1f}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def verdict(plan: Plan) -> str:
+    best = plan.best()
+    chosen = plan.chosen
+    lines = []
+    if plan.declared == "auto":
+        if best is None:
+            lines.append("strategy auto: NOTHING FITS; lower training.batch_size, turn on training.gradient_checkpointing, "
+                         "or use GPUs with more memory")
+        else:
+            lines.append(f"strategy auto picks {best.strategy.name}: {_seconds(best.step_s)} per step, "
+                         f"{best.samples_per_s:.2f} samples/s")
+    elif chosen.fits:
+        lines.append(f"OK: {plan.declared} fits ({', '.join(f'{k} {_gib(m.peak)}/{_gib(m.usable)} GiB' for k, m in chosen.memory.items())}), "
+                     f"{_seconds(chosen.step_s)} per step, {chosen.samples_per_s:.2f} samples/s")
+        if best is not None and best is not chosen and best.step_s < 0.95 * chosen.step_s:
+            lines.append(f"faster: {best.strategy.name} ({_seconds(best.step_s)} per step)")
+    else:
+        over = [f"{k} needs {_gib(m.peak)} GiB of {_gib(m.usable)}" for k, m in chosen.memory.items() if not m.fits]
+        lines.append(f"DOES NOT FIT: {plan.declared} ({'; '.join(over)})")
+        if best is not None:
+            lines.append(f"fastest that fits: {best.strategy.name} ({_seconds(best.step_s)} per step); strategy auto would pick it")
+        else:
+            lines.append("nothing fits: lower training.batch_size or turn on training.gradient_checkpointing")
+    target = chosen or best
+    if target is not None and target.comm_fraction > plan.max_comm_fraction:
+        need = target.accumulation_for_target
+        lines.append(
+            f"communication is {target.comm_fraction:.0%} of the step (target {plan.max_comm_fraction:.0%}): "
+            + (f"set training.gradient_accumulation_steps: {need}" if need else
+               f"{target.strategy.name} communicates every micro-batch, so accumulation cannot get it there")
+        )
+    return "\n".join(lines)
+
+
+def render(plan: Plan, console=None) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:  # piped or in CI: wide enough that the tables do not wrap
+        console = Console() if sys.stdout.isatty() else Console(width=132)
+    pools = ", ".join(f"{p.name}: {p.nodes} x {p.gpus_per_node} {p.profile.name}" for p in plan.pools)
+    link = (f"{plan.link.name} ({plan.link.gbit_s:g} Gbit/s{', assumed' if plan.link_assumed else ''})"
+            if plan.link else "single node")
+    console.print(f"[bold]{plan.model.name}[/]: {plan.params / 1e6:,.0f}M parameters, {plan.model.layers} blocks, hidden {plan.model.dim}")
+    console.print(f"{plan.resolution} px -> {plan.tokens} latent tokens (/{plan.model.downsample} VAE, patch {plan.model.patch}) "
+                  f"+ {plan.text_tokens} text tokens; batch {plan.batch_size} x accumulation {plan.accumulation} x {plan.world} GPUs; "
+                  f"{plan.precision}; gradient checkpointing {'on' if plan.checkpointing else 'off'}")
+    console.print(f"pools: {pools}; between nodes: {link}; ring bandwidth {plan.bandwidth / 1e9:.1f} GB/s")
+    console.print(f"compute: {plan.flops_per_sample / 1e12:.2f} TFLOP per sample (training), MFU assumed {plan.mfu:.0%}")
+    for note in plan.notes:
+        console.print(f"[yellow]note[/]: {note}")
+
+    for pool in plan.pools:
+        table = Table(title=f"memory per GPU in GiB, pool {pool.name} ({pool.profile.name}, {pool.profile.memory_gib:.1f} GiB; "
+                      f"usable {_gib(pool.profile.usable_memory_bytes)})", box=box.SIMPLE_HEAVY, title_justify="left")
+        for column in ("strategy", "weights", "grads", "optimizer", "activations", "opt. temp", "peak", "host RAM", "fits"):
+            table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
+        for name, sp in plan.strategies.items():
+            m = sp.memory[pool.name]
+            marks = (" *" if name == plan.declared else "")
+            table.add_row(name + marks, _gib(m.weights), _gib(m.gradients), _gib(m.optimizer), _gib(m.activations),
+                          _gib(m.transient), _gib(m.peak), _gib(m.host) if m.host else "-",
+                          "[green]yes[/]" if m.fits else "[red]NO[/]")
+        console.print(table)
+
+    best = plan.best()
+    table = Table(title="time per optimizer step (slowest pool; communication not overlapped)",
+                  box=box.SIMPLE_HEAVY, title_justify="left")
+    for column in ("strategy", "compute s", "comm GB/GPU", "comm s", "offload s", "step s", "samples/s", "comm %",
+                   f"accum for comm <= {plan.max_comm_fraction:.0%}", "fits"):
+        table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
+    for name, sp in plan.strategies.items():
+        marks = (" *" if name == plan.declared else "") + (" <- auto" if sp is best else "")
+        table.add_row(name + marks, f"{plan.accumulation * sp.micro_s:.2f}", f"{sp.comm_bytes / 1e9:.2f}",
+                      f"{sp.comm_s:.2f}", f"{sp.offload_s:.2f}" if sp.offload_s else "-", f"{sp.step_s:.2f}",
+                      f"{sp.samples_per_s:.2f}", f"{sp.comm_fraction:.0%}",
+                      str(sp.accumulation_for_target) if sp.accumulation_for_target else "never",
+                      "[green]yes[/]" if sp.fits else "[red]NO[/]")
+    console.print(table)
+    if plan.env:
+        console.print("NCCL env for the workers: " + " ".join(f"{k}={v}" for k, v in plan.env.items()))
+    console.print("* declared strategy. Figures are estimates (docs/hardware.md says how they are made).")
+    console.print(f"[bold]{verdict(plan)}[/]")

@@ -1,0 +1,239 @@
+"""`sana-ray plan`: the arithmetic against hand-computed cases, and the command as a user runs it.
+
+Hand arithmetic conventions (see sana_ray/plan.py's docstring for the formulas):
+  P(1.6B) = 1,604,462,752 and P(600M) = 591,747,872 (checked against diffusers below);
+  GiB = 2**30; usable memory = 0.92 x the memory nvidia-smi reports (4090: 24,564 MiB -> 22.07 GiB,
+  L40S: 46,068 MiB -> 41.39 GiB);
+  effective bf16 throughput = spec TFLOPS x MFU 0.35 (4090: 57.82e12, L40S: 126.7175e12 FLOP/s);
+  ring bandwidth: 4090 PCIe 31.5 GB/s x 0.8 x 0.5 (no P2P) = 12.6e9 B/s, L40S 31.5 x 0.8 = 25.2e9,
+  ethernet-25g 25/8 x 0.8 = 2.5e9 B/s.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sana_ray.manifest import load_manifest
+from sana_ray.plan import PlanError, declared_strategy, make_plan, model_shape
+
+REPO = Path(__file__).resolve().parents[1]
+SANA_1600M = REPO / "manifests" / "sana-1600m-1024.yaml"
+QUICKSTART = REPO / "manifests" / "quickstart.yaml"
+GIB = 2**30
+P16 = 1_604_462_752
+P06 = 591_747_872
+
+
+def plan_for(*overrides: str, **kwargs):
+    return make_plan(load_manifest(SANA_1600M, list(overrides)), **kwargs)
+
+
+def test_parameter_counts_match_diffusers():
+    # The analytic counts must be what diffusers builds (meta device: no memory, ~2 s of imports).
+    torch = pytest.importorskip("torch")
+    from diffusers import SanaTransformer2DModel
+
+    from sana_ray.model.tiny import TRANSFORMER_CONFIG
+    from sana_ray.plan import SANA_600M, SANA_1600M as CONFIG_1600M
+
+    for name, config in (("sana-600m", SANA_600M), ("sana-1600m", CONFIG_1600M), ("tiny", TRANSFORMER_CONFIG)):
+        with torch.device("meta"):
+            model = SanaTransformer2DModel(**config)
+        assert model_shape("x", name).params == sum(p.numel() for p in model.parameters()), name
+    assert model_shape("x", "sana-1600m").params == P16
+    assert model_shape("x", "sana-600m").params == P06
+
+
+def test_model_size_comes_from_the_pretrained_name_or_a_local_config(tmp_path):
+    assert model_shape("Efficient-Large-Model/Sana_1600M_1024px_diffusers").params == P16
+    assert model_shape("Efficient-Large-Model/Sana_600M_512px_diffusers").params == P06
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text('{"num_layers": 28, "num_attention_heads": 36, '
+                                                          '"num_cross_attention_heads": 16, "cross_attention_head_dim": 72, '
+                                                          '"cross_attention_dim": 1152}')
+    assert model_shape(str(tmp_path)).params == P06
+    with pytest.raises(PlanError, match="--model sana-600m"):
+        model_shape("someone/mystery-model")
+
+
+def test_sana_1600m_1024_on_four_4090s_ddp_does_not_fit_zero2_does():
+    plan = plan_for("hardware.profile=rtx4090", "training.batch_size=1", "training.gradient_accumulation_steps=1")
+    # T = (1024/32)^2 = 1024 latent tokens, L = 300 text tokens.
+    assert (plan.tokens, plan.text_tokens, plan.world, plan.precision) == (1024, 300, 4, "bf16")
+    ddp = plan.strategies["ddp"].memory["all"]
+    # DDP: fp32 weights 4P = 5.98 GiB, grads 4P + DDP buckets 4P = 11.95 GiB, AdamW 8P = 11.95 GiB.
+    assert ddp.weights / GIB == pytest.approx(4 * P16 / GIB) == pytest.approx(5.977, abs=1e-3)
+    assert ddp.gradients == 8 * P16 and ddp.optimizer == 8 * P16 and ddp.transient == 4 * P16
+    # Activations with checkpointing, batch 1: 20 blocks x 4 B x T x D = 20*4*1024*2240 = 183,500,800
+    #   + one recomputed block 80 x 1024 x 2240 = 183,500,800 + text K/V 4 x 300 x 2240 = 2,688,000
+    #   = 369,689,600 B = 0.344 GiB.
+    assert ddp.activations == 369_689_600
+    # peak = 20P + max(0.34 GiB, foreach-AdamW temporary 4P) = 24P = 35.86 GiB > 22.07 GiB usable.
+    assert ddp.peak / GIB == pytest.approx(24 * P16 / GIB) == pytest.approx(35.86, abs=0.01)
+    assert not ddp.fits
+    zero2 = plan.strategies["zero2"].memory["all"]
+    # ZeRO-2: 2P + 2P/4 + 12P/4 = 5.5P = 8.22 GiB, + 0.344 GiB activations = 8.56 GiB.
+    assert zero2.peak == pytest.approx(5.5 * P16 + 369_689_600)
+    assert zero2.fits
+
+    # Forward FLOPs per sample, D = 2240, Dc = 2240, H = 5600, d = 32:
+    #   per block 2T(4D^2 + 2D Dc + 3DH + 18H) = 2048 x 67,838,400 = 138,933,043,200
+    #           + 4TDd 293,601,280 + 4TL Dc 2,752,512,000 + 4L Cx Dc 6,021,120,000 = 148,000,276,480
+    #   x 20 blocks = 2,960,005,529,600; outside the blocks 6,472,130,560 -> 2,966,477,660,160.
+    assert plan.model.forward_flops(1024, 300) == 2_966_477_660_160
+    # Training with checkpointing = 4 x forward = 11.866 TFLOP; / 57.82e12 FLOP/s = 0.2052 s per micro-batch.
+    sp = plan.strategies["ddp"]
+    assert sp.micro_s == pytest.approx(4 * 2_966_477_660_160 / (165.2e12 * 0.35)) == pytest.approx(0.2052, abs=1e-4)
+    # All-reduce: 2 x 3/4 x 4P = 6P = 9.63 GB at 12.6 GB/s (no P2P) = 0.764 s: 79% of a 0.969 s step.
+    assert sp.comm_bytes == pytest.approx(6 * P16)
+    assert sp.comm_s == pytest.approx(6 * P16 / 12.6e9) == pytest.approx(0.764, abs=1e-3)
+    assert sp.step_s == pytest.approx(0.2052 + 0.764, abs=2e-3)
+    # Comm <= 20%: a >= 0.764 x 0.8 / (0.2 x 0.2052) = 14.9 -> 15 micro-batches per step.
+    assert sp.accumulation_for_target == 15
+    assert plan.env == {"NCCL_P2P_DISABLE": "1"}
+
+
+def test_sana_1600m_512_fits_ddp_on_l40s_but_not_on_4090():
+    args = ("datasets.0.resolution=512", "training.batch_size=2", "training.gradient_checkpointing=false",
+            "training.gradient_accumulation_steps=1")
+    l40s = plan_for("hardware.profile=l40s", *args)
+    m = l40s.strategies["ddp"].memory["all"]
+    # T = 16^2 = 256. Activations: 2 x 20 x (80 x 256 x 2240 + 4 x 300 x 2240) = 40 x 48,563,200 = 1,942,528,000 B,
+    # below the 4P AdamW temporary, so peak = 24P = 35.86 GiB: fits 41.39 GiB, not 22.07 GiB.
+    assert l40s.tokens == 256 and m.activations == 1_942_528_000
+    assert m.peak == pytest.approx(24 * P16) and m.fits
+    assert not plan_for("hardware.profile=rtx4090", *args).strategies["ddp"].memory["all"].fits
+    # L40S has P2P: ring at 25.2 GB/s, 6P / 25.2e9 = 0.382 s; no NCCL variables needed on one node.
+    assert l40s.strategies["ddp"].comm_s == pytest.approx(0.38202, abs=1e-4)
+    assert l40s.env == {}
+
+
+def test_sana_600m_1024_on_one_4090_checkpointing_lets_batch_8_fit():
+    base = ("model.pretrained=Efficient-Large-Model/Sana_600M_1024px_diffusers", "hardware.profile=rtx4090",
+            "hardware.num_workers=1", "training.gradient_accumulation_steps=1")
+    # One GPU: no DDP buckets: static 4P + 4P + 8P = 16P = 9,467,965,952 B.
+    # Batch 8, no checkpointing: 8 x 28 x (80 x 1024 x 1152 + 4 x 300 x 1152) = 8 x 2,681,118,720 B
+    #   -> peak 9.468e9 + 21.449e9 = 30.92e9 B = 28.8 GiB > 22.07: does not fit.
+    off = make_plan(load_manifest(SANA_1600M, [*base, "training.batch_size=8", "training.gradient_checkpointing=false"]))
+    m = off.strategies["ddp"].memory["all"]
+    assert m.activations == 8 * 2_681_118_720 and m.peak == pytest.approx(16 * P06 + 8 * 2_681_118_720)
+    assert not m.fits
+    # With checkpointing: 8 x (28 x 4 x 1024 x 1152 + 94,371,840 + 1,382,400) = 8 x 227,874,816 = 1.82e9 B,
+    #   below the 4P = 2.37e9 B optimizer temporary: peak 20P = 11.02 GiB fits.
+    on = make_plan(load_manifest(SANA_1600M, [*base, "training.batch_size=8", "training.gradient_checkpointing=true"]))
+    m = on.strategies["ddp"].memory["all"]
+    assert m.activations == 8 * 227_874_816 and m.peak == pytest.approx(20 * P06) and m.fits
+    assert on.strategies["ddp"].comm_s == 0  # one worker: nothing to all-reduce
+
+
+def test_sana_600m_512_on_two_l40s_nodes_over_ethernet_picks_zero1():
+    manifest = load_manifest(SANA_1600M, [
+        "model.pretrained=Efficient-Large-Model/Sana_600M_512px_diffusers", "datasets.0.resolution=512",
+        "training.batch_size=4", "training.gradient_accumulation_steps=4", "training.gradient_checkpointing=false",
+        "hardware.num_workers=8", "hardware.profile=l40s", "hardware.interconnect=ethernet-25g",
+        "hardware.nodes=[{name: l40s, count: 2, gpus_per_node: 4}]", "hardware.nccl_socket_ifname=eth0",
+    ])
+    plan = make_plan(manifest, strategy="auto")
+    # DDP memory, n = 8: 20P = 11,834,957,440 B + activations 4 x 28 x (80 x 256 x 1152 + 4 x 300 x 1152)
+    #   = 112 x 24,975,360 = 2,797,240,320 B (above the 4P = 2.37e9 temporary) -> 13.63 GiB: fits.
+    m = plan.strategies["ddp"].memory["l40s"]
+    assert m.peak == pytest.approx(20 * P06 + 2_797_240_320) and m.peak / GIB == pytest.approx(13.63, abs=0.01)
+    # Forward: 28 blocks x 11,183,652,864 + 2,445,705,216 outside = 315,587,985,408 FLOPs; training x3, batch 4:
+    #   3.787e12 FLOP / 126.7175e12 = 0.02989 s per micro-batch; 4 micro-batches = 0.1195 s.
+    assert plan.model.forward_flops(256, 300) == 315_587_985_408
+    ddp = plan.strategies["ddp"]
+    assert ddp.micro_s == pytest.approx(0.029886, abs=1e-5)
+    # The ring crosses 25 GbE: 2.5e9 B/s. DDP sends 2 x 7/8 x 4P = 7P = 4.142e9 B -> 1.657 s (93% of 1.776 s).
+    assert ddp.comm_s == pytest.approx(7 * P06 / 2.5e9) == pytest.approx(1.6569, abs=1e-3)
+    assert ddp.step_s == pytest.approx(4 * 0.029886 + 1.6569, abs=1e-3)
+    # Comm <= 20%: a >= 1.6569 x 0.8 / (0.2 x 0.029886) = 221.8 -> 222.
+    assert ddp.accumulation_for_target == 222
+    # ZeRO-1 sends half (bf16): 3.5P -> 0.828 s; ZeRO-2 re-sends its reduce-scatter every micro-batch:
+    #   (4 + 1) x 7/8 x 2P / 2.5e9 = 2.07 s; ZeRO-3 3 x 7/8 x 2P x 4 = 8.28 s. Fastest that fits: ZeRO-1.
+    assert plan.strategies["zero1"].comm_s == pytest.approx(3.5 * P06 / 2.5e9)
+    assert plan.strategies["zero2"].comm_s == pytest.approx(5 * 1.75 * P06 / 2.5e9)
+    assert plan.strategies["zero3"].accumulation_for_target is None  # communicates every micro-batch
+    assert plan.best().strategy.name == "zero1" and plan.chosen is plan.best()
+    assert plan.env == {"NCCL_IB_DISABLE": "1", "NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0"}
+
+
+def test_mixed_pools_plan_each_pool_and_the_slowest_sets_the_pace():
+    plan = plan_for("hardware.num_workers=8", "hardware.interconnect=ethernet-10g",
+                    "hardware.nodes=[{name: fast, gpus_per_node: 4, profile: l40s}, {name: slow, gpus_per_node: 4, profile: rtx4090}]")
+    assert set(plan.strategies["ddp"].memory) == {"fast", "slow"}
+    # 4090: 165.2 TFLOPS < L40S 362.05: the micro-batch time is the 4090's.
+    assert plan.strategies["ddp"].micro_s == pytest.approx(4 * 4 * 2_966_477_660_160 / (165.2e12 * 0.35))
+    assert plan.env["NCCL_P2P_DISABLE"] == "1" and plan.env["NCCL_IB_DISABLE"] == "1"
+
+
+def test_auto_with_nothing_that_fits_says_so():
+    plan = plan_for("hardware.profile=rtx4090", "training.batch_size=64", "training.gradient_checkpointing=false",
+                    strategy="auto")
+    assert plan.best() is None
+    from sana_ray.plan import verdict
+
+    assert "NOTHING FITS" in verdict(plan)
+
+
+def test_declared_strategy_reads_a_deepspeed_block_however_it_is_shaped():
+    assert declared_strategy(SimpleNamespace(strategy="ddp")) == "ddp"
+    assert declared_strategy(SimpleNamespace(strategy="auto")) == "auto"
+    ds = SimpleNamespace(stage=3, offload_optimizer=SimpleNamespace(device="cpu"), offload_param=None)
+    assert declared_strategy(SimpleNamespace(strategy="deepspeed", deepspeed=ds)) == "zero3-offload"
+    ds = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}
+    assert declared_strategy(SimpleNamespace(strategy="deepspeed", deepspeed=ds)) == "zero2"
+    ds = SimpleNamespace(zero_stage=3, offload_optimizer=True, offload_param=True)
+    assert declared_strategy(SimpleNamespace(strategy="deepspeed", deepspeed=ds)) == "zero3-offload-all"
+
+
+def test_plan_follows_the_manifests_deepspeed_settings():
+    plan = plan_for("hardware.profile=rtx4090", "hardware.strategy=deepspeed", "hardware.deepspeed.stage=3",
+                    "hardware.deepspeed.offload_optimizer=true")
+    assert plan.declared == "zero3-offload" and plan.chosen.strategy.offload_optimizer and plan.chosen.fits
+    plan = plan_for("hardware.profile=l40s", "hardware.strategy=deepspeed", "hardware.deepspeed.stage=3",
+                    "hardware.deepspeed.offload_optimizer=true", "hardware.deepspeed.offload_params=true")
+    assert plan.declared == "zero3-offload-all"
+
+
+def test_tiny_quickstart_plans_on_cpu():
+    plan = make_plan(load_manifest(QUICKSTART, []))
+    # The tiny VAE downsamples 4x: 64 px -> 16 x 16 = 256 tokens; fp32 on CPU; only DDP is planned.
+    assert plan.params == 54_084 and plan.tokens == 256 and plan.precision == "fp32"
+    assert list(plan.strategies) == ["ddp"] and plan.strategies["ddp"].fits
+
+
+def sana_ray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sana_ray.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_plan_command_prints_tables_and_verdict_and_imports_nothing_heavy():
+    code = (
+        "import sys; from sana_ray.cli import main\n"
+        f"assert main(['plan', {str(QUICKSTART)!r}]) == 0\n"  # tiny: reads the preset's config without torch
+        f"rc = main(['plan', {str(SANA_1600M)!r}, 'hardware.profile=rtx4090'])\n"
+        "heavy = [m for m in ('torch', 'ray', 'diffusers', 'transformers', 'mlflow', 'deepspeed') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "sys.exit(rc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "1,604M parameters" in out and "1024 latent tokens" in out
+    assert "memory per GPU in GiB, pool all (rtx4090" in out
+    assert "DOES NOT FIT: ddp" in out and "strategy auto would pick" in out
+    assert "NCCL_P2P_DISABLE=1" in out
+
+
+def test_plan_errors_name_the_field_without_traceback():
+    result = sana_ray("plan", str(SANA_1600M))  # use_gpu: true, no profile
+    assert result.returncode == 1 and "hardware.profile" in result.stderr and "Traceback" not in result.stderr
+    result = sana_ray("plan", str(SANA_1600M), "hardware.profile=rtx4080")
+    assert result.returncode == 1 and "rtx4080" in result.stderr and "rtx4090" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = sana_ray("plan", str(SANA_1600M), "--profile", "l40s", "--strategy", "zero4")
+    assert result.returncode == 1 and "--strategy" in result.stderr and "Traceback" not in result.stderr
