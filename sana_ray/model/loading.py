@@ -1,8 +1,8 @@
 """Loading Sana components from a hub id, a local diffusers folder, or the tiny preset.
 
 Every loader goes through ``from_pretrained``, so a hub id and a local folder behave the same
-and ``HF_HUB_OFFLINE=1`` works for anything already on disk. Remote code never runs unless
-``trust_remote_code=True`` is passed explicitly (only the text encoder loader accepts it).
+and ``HF_HUB_OFFLINE=1`` works for anything already on disk. Remote code never runs unless the
+manifest sets ``model.trust_remote_code`` (only the text encoder loader accepts the flag; default off).
 
 The text encoder of the released Sana repos is a ``Gemma2Model`` (their model_index.json says
 ``["transformers", "Gemma2Model"]``); it is loaded with ``AutoModel``, which maps a gemma2

@@ -49,15 +49,6 @@ def write_manifest(path: Path, *, data_dir: Path, output_dir: Path, name: str, *
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    from sana_ray.data.synthetic import make_shapes
-
-    folder = tmp_path_factory.mktemp("shapes")
-    make_shapes(folder, count=16, size=64, seed=3)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e")
 

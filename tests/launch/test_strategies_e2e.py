@@ -24,15 +24,6 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    from sana_ray.data.synthetic import make_shapes
-
-    folder = tmp_path_factory.mktemp("shapes")
-    make_shapes(folder, count=16, size=64, seed=3)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """One folder for both runs, so that they share the tiny model and the caches."""
     return tmp_path_factory.mktemp("strategies")
