@@ -54,8 +54,8 @@ def fit(manifest: Manifest, *, model_source: str, cache_set, paths, attempt: int
 
 
 # Driver variables the workers see too: a stable DeepSpeed op build cache (its CPU ops compile on
-# first use, ~30 s) and the tests' fault injection (train.loop.FAULT_ENV).
-_PASSTHROUGH = ("TORCH_EXTENSIONS_DIR", "SANA_RAY_FAULT_AT_STEP")
+# first use, ~30 s) and the tests' fault injection (train.loop.FAULT_ENV, train.loop.HOLD_ENV).
+_PASSTHROUGH = ("TORCH_EXTENSIONS_DIR", "SANA_RAY_FAULT_AT_STEP", "SANA_RAY_HOLD_AT_STEP")
 
 
 def _passthrough_env() -> dict[str, str]:

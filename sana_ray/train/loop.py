@@ -172,6 +172,7 @@ def train_func(config: dict) -> None:
         if state.step % training.checkpoint_every == 0 or state.step == training.steps:
             _report_checkpoint(rank, strategy, ema, state)
         _injected_fault(state.step, run_dir)
+        _injected_hold(state.step)
 
         if (
             spec.validation.prompts
@@ -205,6 +206,19 @@ def _injected_fault(step: int, run_dir: Path) -> None:
     if ray.train.get_context().get_world_rank() == 0 and not marker.exists():
         marker.touch()
         raise RuntimeError(f"{FAULT_ENV}={at}: injected failure after step {step}")
+
+
+HOLD_ENV = "SANA_RAY_HOLD_AT_STEP"
+
+
+def _injected_hold(step: int) -> None:
+    """Testing aid: with SANA_RAY_HOLD_AT_STEP=N in the driver's environment, every rank stops after
+    step N (after its checkpoint, when N is a checkpoint step) and waits, so a test can kill the
+    driver at a known step however fast the machine trains."""
+    at = os.environ.get(HOLD_ENV)
+    if at and step == int(at):
+        print(f"[sana-ray] {HOLD_ENV}={at}: holding after step {step}", flush=True)
+        time.sleep(3600)
 
 
 def _batch_files(cache, plan, first_micro_batch: int, accumulation: int, world_size: int) -> list[str]:

@@ -114,17 +114,21 @@ def test_second_apply_reports_complete_and_reuses_caches(finished_run, capsys):
     assert json.loads((run_dir / "run.json").read_text()) == before
 
 
-def _latest_registered_checkpoint(storage: Path) -> str | None:
-    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
-        text = snapshot.read_text()
-        if "checkpoint-" in text:
-            return text
-    return None
+HOLD_AT = 12  # a checkpoint step (checkpoint_every 6): the resumed run starts from it
+
+
+def _checkpoint_registered(storage: Path, step: int) -> bool:
+    return any(
+        f"checkpoint-{step:06d}" in snapshot.read_text()
+        for snapshot in storage.glob("*/checkpoint_manager_snapshot.json")
+    )
 
 
 def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(finished_run, shapes, workdir, capfd):
-    """SIGKILL `sana-ray apply` after its first checkpoint; applying again resumes and ends where
-    the uninterrupted run ended (same final loss, same per-step losses after the resume point)."""
+    """SIGKILL `sana-ray apply` once its step-12 checkpoint is registered; applying again resumes
+    from it and ends where the uninterrupted run ended (same final loss, same per-step losses after
+    the resume point). SANA_RAY_HOLD_AT_STEP parks the workers after step 12, so the kill lands at
+    that step however fast the machine trains."""
     from mlflow.tracking import MlflowClient
 
     from sana_ray.launch.apply import apply
@@ -140,10 +144,11 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(finished_r
         process = subprocess.Popen(
             [sys.executable, "-m", "sana_ray.cli", "apply", str(path)],
             start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
+            env=os.environ | {"SANA_RAY_HOLD_AT_STEP": str(HOLD_AT)},
         )
     deadline = time.time() + 600  # ~40 s on an idle 2-core machine
     try:
-        while _latest_registered_checkpoint(run_dir / "ray") is None:
+        while not _checkpoint_registered(run_dir / "ray", HOLD_AT):
             assert process.poll() is None, f"apply ended before it could be interrupted:\n{log.read_text()[-3000:]}"
             assert time.time() < deadline, f"no checkpoint within 600 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)
@@ -158,7 +163,7 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(finished_r
     out = capfd.readouterr()
     resumed_line = next(line for line in (out.out + out.err).splitlines() if "resuming from step" in line)
     resumed_step = int(resumed_line.split("resuming from step")[1].split()[0])
-    assert 0 < resumed_step < STEPS
+    assert resumed_step == HOLD_AT
 
     outcome = json.loads((run_dir / "run.json").read_text())
     assert outcome["status"] == "completed" and outcome["steps"] == STEPS
