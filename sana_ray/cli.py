@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="transformer size when model.pretrained does not tell: sana-600m, sana-1600m, tiny")
     p.add_argument("--strategy", help="auto (the fastest that fits) or ddp, zero1, zero2, zero2-offload, zero3, "
                    "zero3-offload, zero3-offload-all (default: hardware.strategy)")
-    p.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation (default 0.35)")
+    p.add_argument("--mfu", type=float, default=0.25, help="assumed model FLOPs utilisation (default 0.25, measured on an H200)")
     p.add_argument("--max-comm", type=float, default=0.2,
                    help="fraction of the step communication may take; plan says what accumulation gets there (default 0.2)")
     p.set_defaults(func=cmd_plan)

@@ -40,6 +40,7 @@ class Profile:
     nvlink_gbs: float  # NVLink bandwidth per GPU, both directions together, GB/s (0: none)
     pcie_gbs: float  # PCIe x16 bandwidth per direction, GB/s
     typical_interconnect: str  # what nodes of this kind usually have between them (INTERCONNECTS)
+    memory_gbs: float  # device memory bandwidth, GB/s (datasheet): what the optimizer step is bound by
     notes: str = ""
 
     @property
@@ -65,19 +66,21 @@ PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
         Profile("rtx4090", "NVIDIA GeForce RTX 4090 (Ada, 24 GB GDDR6X)", True, 24564, 165.2, 82.6, False, 0, 31.5,
-                "ethernet-10g", "consumer card: no NVLink, P2P disabled by the driver (NCCL hangs without NCCL_P2P_DISABLE=1)"),
+                "ethernet-10g", 1008, "consumer card: no NVLink, P2P disabled by the driver (NCCL hangs without NCCL_P2P_DISABLE=1)"),
         Profile("a6000", "NVIDIA RTX A6000 (Ampere, 48 GB GDDR6)", True, 49140, 154.8, 38.7, True, 0, 31.5,
-                "ethernet-25g", "an NVLink bridge joins pairs only (112.5 GB/s); planned as PCIe"),
+                "ethernet-25g", 768, "an NVLink bridge joins pairs only (112.5 GB/s); planned as PCIe"),
         Profile("l40s", "NVIDIA L40S (Ada, 48 GB GDDR6)", True, 46068, 362.05, 91.6, True, 0, 31.5,
-                "ethernet-100g", "no NVLink; PCIe Gen4 x16; ECC on by default: 46,068 MiB of 48 GB usable"),
+                "ethernet-100g", 864, "no NVLink; PCIe Gen4 x16; ECC on by default: 46,068 MiB of 48 GB usable"),
         Profile("a100-40g", "NVIDIA A100 SXM4 40 GB (Ampere, HBM2)", True, 40960, 312, 19.5, True, 600, 31.5,
-                "infiniband-hdr", "NVLink 3 (600 GB/s) within a node"),
+                "infiniband-hdr", 1555, "NVLink 3 (600 GB/s) within a node"),
         Profile("a100-80g", "NVIDIA A100 SXM4 80 GB (Ampere, HBM2e)", True, 81920, 312, 19.5, True, 600, 31.5,
-                "infiniband-hdr", "NVLink 3 (600 GB/s) within a node"),
+                "infiniband-hdr", 2039, "NVLink 3 (600 GB/s) within a node"),
         Profile("h100", "NVIDIA H100 SXM5 80 GB (Hopper, HBM3)", True, 81559, 989.4, 67.0, True, 900, 63,
-                "infiniband-ndr", "NVLink 4 (900 GB/s) within a node; PCIe Gen5"),
+                "infiniband-ndr", 3350, "NVLink 4 (900 GB/s) within a node; PCIe Gen5"),
+        Profile("h200", "NVIDIA H200 SXM 141 GB (Hopper, HBM3e)", True, 143771, 989.4, 67.0, True, 900, 63,
+                "infiniband-ndr", 4800, "the H100's compute with 141 GB at 4.8 TB/s; NVLink 4 within a node; PCIe Gen5"),
         Profile("cpu", "CPU worker (gloo; figures are rough assumptions)", False, 65536, 1.0, 1.0, True, 0, 10,
-                "ethernet-10g", "memory = host RAM assumed per worker; throughput assumed ~1 TFLOPS"),
+                "ethernet-10g", 50, "memory = host RAM assumed per worker; throughput assumed ~1 TFLOPS"),
     )
 }
 

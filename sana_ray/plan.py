@@ -9,17 +9,18 @@ L = text tokens per sample (model.max_sequence_length), D = hidden size, layers 
 
 Memory per GPU (bytes)
     ddp (what the trainer does today: fp32 weights, bf16 autocast, torch AdamW):
-        weights 4P, gradients 4P (+4P for DDP's fp32 buckets when n > 1), AdamW moments 8P,
-        plus a transient 4P while torch's foreach AdamW steps (its sqrt(v) temporary).
+        weights 4P, gradients 4P (+4P for DDP's fp32 buckets when n > 1), AdamW moments 8P;
+        on a CPU worker plus a transient 4P while torch's foreach AdamW steps (its sqrt(v)
+        temporary); on a GPU the trainer uses the fused AdamW kernel, which has none (measured).
     DeepSpeed ZeRO with bf16 (ZeRO paper's accounting, K = 12: fp32 master + two moments):
         stage 1: 2P + 2P + 12P/n;  stage 2: 2P + 2P/n + 12P/n;  stage 3: (2P + 2P + 12P)/n
         plus two gathered blocks (2 x 2 x block params) of working set;
         offload_optimizer moves the 12P/n to host RAM, offload_param (stage 3) the 2P/n.
     activations (bf16 autocast; fp32 doubles them):
-        per block and sample: 80 bytes x T x D (ACT_BYTES_PER_TOKEN_DIM, assumed: ~40 bf16
-        tensors of width D per token) + 4 bytes x L x cross dim (text K and V);
-        gradient checkpointing keeps only each block's fp32 input (4 x T x D) and recomputes
-        one block at a time.
+        per block and sample: 87 bytes x T x D (ACT_BYTES_PER_TOKEN_DIM: measured 86-89 on an
+        H200 for Sana 600M and 1.6B at 512 and 1024 px) + 4 bytes x L x cross dim (text K, V);
+        gradient checkpointing keeps each block's input (2 x T x D: bf16 under autocast) and
+        recomputes one block at a time.
     peak = weights + gradients + optimizer + max(activations, optimizer transient), compared
     with USABLE_MEMORY_FRACTION (92%) of the profile's memory.
 
@@ -32,7 +33,14 @@ Compute per sample (forward, FLOPs; the 6·N·tokens rule written out for Sana's
     outside blocks: 2T (in p^2 D + D p^2 out) + 2L (C D + D^2) caption projection
                     + 2 (256 D + 7 D^2) timestep embedding
     training = forward x (3 + 1 with gradient checkpointing: the recomputed forward)
-    time per micro-batch = B x training FLOPs / (profile TFLOPS x MFU), MFU assumed 0.35.
+    time per micro-batch = max(B x training FLOPs / (profile TFLOPS x MFU),
+                               layers x LAUNCH_S_PER_BLOCK (x 1.5 with checkpointing))
+        MFU 0.25 and the launch floor (7.6 ms per block for forward + backward) are calibrated on
+        an H200 in eager PyTorch bf16 (benchmarks/gpu_step.py; docs/benchmarks.md): at small
+        batches the GPU waits for the CPU to launch kernels (30% busy at batch 1), at large
+        ones it is busy and the FLOPs rate sets the pace.
+    optimizer step = local parameters x 64 bytes / the profile's memory bandwidth (clip + fused
+        AdamW read and write weights, gradients and both moments; 21 ms for 1.6B on an H200).
 
 Communication per optimizer step (ring collectives, bytes each GPU sends)
     ddp:    2(n-1)/n x 4P once per step (fp32 gradients; accumulation runs under no_sync)
@@ -42,7 +50,7 @@ Communication per optimizer step (ring collectives, bytes each GPU sends)
     time = bytes / the slowest link in the ring: the inter-node link when there are several
     nodes, else the GPUs' own (NVLink, PCIe, or PCIe through host memory without P2P).
     Offload adds the CPU AdamW (CPU_ADAM_PARAMS_PER_S per worker, assumed) and PCIe copies.
-    step time = a x micro-batch time + communication + offload (no overlap: an upper bound).
+    step time = a x micro-batch time + optimizer step + communication + offload (no overlap).
 
 Accumulation to keep communication under a fraction f of the step: with per-step cost p,
 per-micro-batch cost q and other per-step time o (offload),
@@ -61,8 +69,13 @@ from pathlib import Path
 
 from sana_ray.hardware import GIB, INTERCONNECTS, PROFILES, Interconnect, Profile, interconnect, nccl_env
 
-ASSUMED_MFU = 0.35
-ACT_BYTES_PER_TOKEN_DIM = 80  # bf16 activations kept per block, per image token, per unit of hidden size
+# Calibrated on an H200 (benchmarks/gpu_step.py, eager PyTorch, bf16 autocast; docs/benchmarks.md).
+ASSUMED_MFU = 0.25
+ACT_BYTES_PER_TOKEN_DIM = 87  # activations kept per block, per image token, per unit of hidden size
+CHECKPOINT_BYTES_PER_TOKEN_DIM = 2  # with gradient checkpointing: each block's (bf16) input
+LAUNCH_S_PER_BLOCK = 7.6e-3  # forward + backward of one block when kernel launches, not the GPU, set the pace
+CHECKPOINT_LAUNCH_FACTOR = 1.5  # the recomputed forward launches its kernels again
+OPTIMIZER_BYTES_PER_PARAM = 64  # clip + fused AdamW: device memory traffic per parameter per step
 CPU_ADAM_PARAMS_PER_S = 0.5e9  # DeepSpeed's CPU Adam, per worker (assumed)
 DEFAULT_MAX_COMM_FRACTION = 0.2
 DC_AE_DOWNSAMPLE = 32  # Sana's DC-AE (f32c32)
@@ -300,6 +313,7 @@ class StrategyPlan:
     comm_bytes: float  # sent per GPU per optimizer step
     comm_s: float
     offload_s: float
+    optimizer_s: float  # the optimizer step on the GPU (0 when offloaded: offload_s has the CPU's)
     step_s: float
     samples_per_s: float
     comm_fraction: float
@@ -353,7 +367,7 @@ def memory_per_gpu(shape: SanaShape, strategy: Strategy, *, world: int, batch: i
     P, n = shape.params, world
     if strategy.stage == 0:
         weights, grads, optimizer = 4.0 * P, 4.0 * P * (2 if n > 1 else 1), 8.0 * P
-        transient, host = 4.0 * P, 0.0
+        transient, host = (0.0 if profile.gpu else 4.0 * P), 0.0  # fused AdamW on GPUs, foreach on CPUs
     else:
         s = strategy.stage
         weights = 2.0 * P / (n if s == 3 else 1)
@@ -371,7 +385,7 @@ def memory_per_gpu(shape: SanaShape, strategy: Strategy, *, world: int, batch: i
     scale = 2.0 if precision == "fp32" else 1.0
     per_block_sample = scale * ACT_BYTES_PER_TOKEN_DIM * tokens * shape.dim + 4.0 * text_tokens * shape.cross_dim
     if checkpointing:
-        activations = batch * (shape.layers * 4.0 * tokens * shape.dim + per_block_sample)
+        activations = batch * (shape.layers * CHECKPOINT_BYTES_PER_TOKEN_DIM * tokens * shape.dim + per_block_sample)
     else:
         activations = batch * shape.layers * per_block_sample
     return Memory(weights, grads, optimizer, activations, transient, host, profile.usable_memory_bytes)
@@ -460,7 +474,9 @@ def make_plan(manifest, *, profile: str | None = None, model: str | None = None,
 
     flops = (4 if training.gradient_checkpointing else 3) * shape.forward_flops(tokens, text_tokens)
     batch, accumulation = training.batch_size, training.gradient_accumulation_steps
-    micro_s = max(batch * flops / (p.profile.tflops(precision) * 1e12 * mfu) for p in pools)
+    launch_s = shape.layers * LAUNCH_S_PER_BLOCK * (CHECKPOINT_LAUNCH_FACTOR if training.gradient_checkpointing else 1)
+    micro_s = max(max(batch * flops / (p.profile.tflops(precision) * 1e12 * mfu), launch_s if p.profile.gpu else 0.0)
+                  for p in pools)
 
     plans: dict[str, StrategyPlan] = {}
     for s in STRATEGIES.values():
@@ -479,11 +495,17 @@ def make_plan(manifest, *, profile: str | None = None, model: str | None = None,
             offload_s += shape.params / world / CPU_ADAM_PARAMS_PER_S + 4.0 * shape.params / world / pcie
             if s.offload_param:
                 offload_s += accumulation * 2 * 2.0 * shape.params / world / pcie
-        step_s = accumulation * micro_s + comm_s + offload_s
+        # The GPU optimizer step runs over this worker's partition (ZeRO) unless it is offloaded.
+        optimizer_s = 0.0 if s.offload_optimizer else max(
+            shape.params / (world if s.stage else 1) * OPTIMIZER_BYTES_PER_PARAM / (p.profile.memory_gbs * 1e9)
+            for p in pools)
+        step_s = accumulation * micro_s + optimizer_s + comm_s + offload_s
         plans[s.name] = StrategyPlan(
             strategy=s, memory=memory, micro_s=micro_s, comm_bytes=comm_bytes, comm_s=comm_s, offload_s=offload_s,
-            step_s=step_s, samples_per_s=world * batch * accumulation / step_s, comm_fraction=comm_s / step_s,
-            accumulation_for_target=accumulation_for(per_step_s, per_micro_s, micro_s, max_comm_fraction, offload_s),
+            optimizer_s=optimizer_s, step_s=step_s, samples_per_s=world * batch * accumulation / step_s,
+            comm_fraction=comm_s / step_s,
+            accumulation_for_target=accumulation_for(per_step_s, per_micro_s, micro_s, max_comm_fraction,
+                                                     offload_s + optimizer_s),
         )
     if declared != "auto" and declared not in plans:
         raise PlanError(f"hardware.strategy: {declared} needs GPUs; this manifest has none (use_gpu: false)")
@@ -548,7 +570,7 @@ def render(plan: Plan, console=None) -> None:
     from rich.table import Table
 
     if console is None:  # piped or in CI: wide enough that the tables do not wrap
-        console = Console() if sys.stdout.isatty() else Console(width=132)
+        console = Console() if sys.stdout.isatty() else Console(width=150)
     pools = ", ".join(f"{p.name}: {p.nodes} x {p.gpus_per_node} {p.profile.name}" for p in plan.pools)
     link = (f"{plan.link.name} ({plan.link.gbit_s:g} Gbit/s{', assumed' if plan.link_assumed else ''})"
             if plan.link else "single node")
@@ -577,12 +599,13 @@ def render(plan: Plan, console=None) -> None:
     best = plan.best()
     table = Table(title="time per optimizer step (slowest pool; communication not overlapped)",
                   box=box.SIMPLE_HEAVY, title_justify="left")
-    for column in ("strategy", "compute s", "comm GB/GPU", "comm s", "offload s", "step s", "samples/s", "comm %",
+    for column in ("strategy", "compute s", "optim s", "comm GB/GPU", "comm s", "offload s", "step s", "samples/s", "comm %",
                    f"accum for comm <= {plan.max_comm_fraction:.0%}", "fits"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for name, sp in plan.strategies.items():
         marks = (" *" if name == plan.declared else "") + (" <- auto" if sp is best else "")
-        table.add_row(name + marks, f"{plan.accumulation * sp.micro_s:.2f}", f"{sp.comm_bytes / 1e9:.2f}",
+        table.add_row(name + marks, f"{plan.accumulation * sp.micro_s:.2f}", f"{sp.optimizer_s:.3f}" if sp.optimizer_s else "-",
+                      f"{sp.comm_bytes / 1e9:.2f}",
                       f"{sp.comm_s:.2f}", f"{sp.offload_s:.2f}" if sp.offload_s else "-", f"{sp.step_s:.2f}",
                       f"{sp.samples_per_s:.2f}", f"{sp.comm_fraction:.0%}",
                       str(sp.accumulation_for_target) if sp.accumulation_for_target else "never",
