@@ -75,6 +75,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     manifest = _load_any(args.manifest, args.overrides)
     from sana_ray.data.sampler import SamplerError
     from sana_ray.data.samples import DataError
+    from sana_ray.plan import PlanError
 
     try:
         if _is_sweep(manifest):
@@ -86,6 +87,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return apply(manifest, restart=args.restart)
     except (DataError, SamplerError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except PlanError as error:  # hardware.strategy: auto with nothing that fits
+        print(f"{args.manifest}: {error}", file=sys.stderr)
         return 1
 
 

@@ -615,3 +615,41 @@ def render(plan: Plan, console=None) -> None:
         console.print("NCCL env for the workers: " + " ".join(f"{k}={v}" for k, v in plan.env.items()))
     console.print("* declared strategy. Figures are estimates (docs/hardware.md says how they are made).")
     console.print(f"[bold]{verdict(plan)}[/]")
+
+
+# --------------------------------------------------------------------------------------
+# strategy: auto
+# --------------------------------------------------------------------------------------
+
+
+def resolve_auto_strategy(manifest):
+    """``(manifest, note)``: with ``hardware.strategy: auto``, the manifest with the fastest strategy
+    that fits (the plan's ``best()``) written into ``hardware`` (ddp, or deepspeed with its stage and
+    offload flags), and a line saying what was picked and why; otherwise ``(manifest, None)``.
+
+    Raises PlanError when nothing fits or the hardware has no profile to plan with. The training run
+    then records the resolved manifest, so its fingerprint and MLflow params say what really ran.
+    """
+    hardware = manifest.spec.hardware
+    if hardware.strategy != "auto":
+        return manifest, None
+    plan = make_plan(manifest, strategy="auto")
+    best = plan.best()
+    if best is None:
+        raise PlanError("hardware.strategy: auto found nothing that fits: " + verdict(plan).splitlines()[0].split(": ", 1)[-1]
+                        + f" (see `sana-ray plan`)")
+    chosen = best.strategy
+    data = manifest.model_dump(mode="json")
+    hw = data["spec"]["hardware"]
+    if chosen.stage == 0:
+        hw["strategy"] = "ddp"
+    else:
+        hw["strategy"] = "deepspeed"
+        hw["deepspeed"] = {**(hw.get("deepspeed") or {}), "stage": chosen.stage,
+                           "offload_optimizer": chosen.offload_optimizer, "offload_params": chosen.offload_param}
+    resolved = type(manifest).model_validate(data)
+    peak = max(m.peak for m in best.memory.values())
+    usable = min(m.usable for m in best.memory.values())
+    note = (f"strategy auto -> {chosen.name}: the fastest that fits ({_gib(peak)} of {_gib(usable)} GiB per GPU, "
+            f"{_seconds(best.step_s)} per step planned; `sana-ray plan` shows the alternatives)")
+    return resolved, note

@@ -10,6 +10,14 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Ray reads some of these once, when it is first imported (e.g. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER,
+# without which joining a cluster at 127.0.0.1 is rewritten to the machine's IP and hangs), so they
+# must be set before any test imports ray. ray_cluster imports only os.
+from sana_ray.launch.ray_cluster import RAY_ENV  # noqa: E402
+
+for _name, _value in RAY_ENV.items():
+    os.environ.setdefault(_name, _value)
+
 
 @pytest.fixture(scope="session")
 def ray_local():

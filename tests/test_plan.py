@@ -273,3 +273,35 @@ def test_plan_is_within_its_stated_error_of_figures_measured_on_an_h200():
         where = f"{row['model']} {row['resolution']}px batch {row['batch']} checkpointing {row['checkpointing']}"
         assert ddp.memory["all"].peak / 2**30 == pytest.approx(row["peak_gib"], rel=0.10), where
         assert ddp.step_s == pytest.approx(row["step_s"], rel=0.25), where
+
+
+def test_strategy_auto_resolves_to_the_fastest_strategy_that_fits():
+    from sana_ray.plan import resolve_auto_strategy
+
+    # Four 4090s, batch 4 x accumulation 2 at 1024 px (the example manifest): DDP does not fit; ZeRO-1 is
+    # the fastest that does (see the plan example in docs/hardware.md).
+    manifest = load_manifest(SANA_1600M, ["hardware.profile=rtx4090", "hardware.strategy=auto"])
+    resolved, note = resolve_auto_strategy(manifest)
+    hw = resolved.spec.hardware
+    assert (hw.strategy, hw.deepspeed.stage, hw.deepspeed.offload_optimizer) == ("deepspeed", 1, False)
+    assert note.startswith("strategy auto -> zero1") and "GiB per GPU" in note
+    assert resolved.spec.training == manifest.spec.training  # only the hardware changes
+    # One H200 holds DDP (fp32 weights + AdamW) easily: auto keeps the simplest, DDP.
+    one = load_manifest(SANA_1600M, ["hardware.profile=h200", "hardware.num_workers=1", "hardware.strategy=auto"])
+    assert resolve_auto_strategy(one)[0].spec.hardware.strategy == "ddp"
+    # A declared strategy is left alone.
+    declared = load_manifest(SANA_1600M, ["hardware.profile=rtx4090"])
+    assert resolve_auto_strategy(declared) == (declared, None)
+    # Nothing fits: a PlanError that says so (apply prints it instead of training).
+    huge = load_manifest(SANA_1600M, ["hardware.profile=rtx4090", "hardware.strategy=auto", "training.batch_size=64",
+                                      "training.gradient_checkpointing=false"])
+    with pytest.raises(PlanError, match="nothing that fits"):
+        resolve_auto_strategy(huge)
+
+
+def test_apply_with_strategy_auto_that_fits_nothing_stops_before_training_with_the_reason():
+    result = sana_ray("apply", str(SANA_1600M), "hardware.profile=rtx4090", "hardware.strategy=auto",
+                      "training.batch_size=64", "training.gradient_checkpointing=false")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "hardware.strategy: auto found nothing that fits" in result.stderr and "Traceback" not in result.stderr
+    assert str(SANA_1600M) in result.stderr

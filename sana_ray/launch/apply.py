@@ -143,9 +143,21 @@ def prepare_model_and_caches(manifest: Manifest, paths: RunPaths):
     return model_source, cache_set
 
 
+def resolve_strategy(manifest: Manifest) -> Manifest:
+    """``hardware.strategy: auto`` -> the strategy `sana-ray plan` picks (said on the console); a
+    declared strategy is returned unchanged. Raises plan.PlanError (naming the field) when nothing fits."""
+    from sana_ray.plan import resolve_auto_strategy
+
+    resolved, note = resolve_auto_strategy(manifest)
+    if note:
+        say(note)
+    return resolved
+
+
 def apply(manifest: Manifest, *, restart: bool = False) -> int:
     """Run (or resume) the training run a manifest describes. Returns the process exit code."""
     started = time.time()
+    manifest = resolve_strategy(manifest)
     spec = manifest.spec
     _check_dataset_folders(manifest)
     paths = RunPaths.of(manifest)
@@ -233,6 +245,7 @@ def apply(manifest: Manifest, *, restart: bool = False) -> int:
         outcome |= {
             "steps": int(result.metrics.get("step", 0)),
             "final_loss": float(result.metrics["loss"]),
+            "final_eval_loss": float(result.metrics["eval_loss"]) if "eval_loss" in result.metrics else None,
             "export_path": str(paths.export),
             "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
         }

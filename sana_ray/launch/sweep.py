@@ -2,9 +2,10 @@
 
 Ray >= 2.60 (Train v2) pattern: each Tune trial is a small function (0.01 CPU) that builds the
 trial's manifest (the template with the trial's values), then builds and fits a ``TorchTrainer``
-with ``TuneReportCallback``: every ``ray.train.report({"step", "loss"}, checkpoint)`` of the train
-loop (at ``training.checkpoint_every``) reaches Tune, whose scheduler (ASHA, ...) may stop the
-trial there.
+with ``TuneReportCallback``: every ``ray.train.report({"step", "loss", "eval_loss", ...}, checkpoint)``
+of the train loop (at ``training.checkpoint_every``) reaches Tune, whose scheduler (ASHA, ...) may
+stop the trial there. The default metric is ``eval_loss``, the stable evaluation loss on the
+template's ``dataset_type: eval`` datasets (``train.evaluation``), when there are any.
 
 Layout of a sweep (``<output.dir>/<metadata.name>/``)::
 
@@ -49,7 +50,7 @@ from sana_ray.launch.apply import (
 )
 from sana_ray.launch.console import say
 from sana_ray.manifest import Manifest, Sweep, dump_manifest, flatten_manifest
-from sana_ray.manifest.sweep import trial_manifest_data
+from sana_ray.manifest.sweep import EVAL_METRIC, trial_manifest_data
 
 TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; Tune rejects 0
 STATUS_TAG = "sana_ray.status"
@@ -71,12 +72,31 @@ class SweepPaths:
 
 
 def sweep_fingerprint(sweep: Sweep) -> str:
-    """What decides the trials: the template's training identity and the whole search spec."""
+    """What decides the trials: the template's training identity and the whole search spec, and,
+    when trials are compared on the eval loss, how it is measured (finished trials scored with
+    other eval settings would not be comparable with new ones)."""
     identity = {
         "template": training_fingerprint(sweep.template_manifest()),
         "search": sweep.spec.search.model_dump(mode="json"),
     }
+    if compares_eval_loss(sweep):
+        identity["evaluation"] = sweep.spec.template.evaluation.model_dump(mode="json")
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def compares_eval_loss(sweep: Sweep) -> bool:
+    metric = sweep.spec.search.metric or ""
+    return metric == EVAL_METRIC or metric.startswith(EVAL_METRIC + "/")
+
+
+def metric_note(sweep: Sweep) -> str | None:
+    """What to tell the user about the metric when it is the noisy training loss for lack of eval data."""
+    template = sweep.spec.template
+    if sweep.spec.search.metric != "loss" or template.evaluation_datasets():
+        return None
+    return ("Trials are compared on 'loss', the training loss of each checkpoint step (a different batch, noise "
+            "and timesteps every step: noisy). Add a held-out dataset with dataset_type: eval to the template to "
+            "compare them on the stable 'eval_loss' (the default metric then).")
 
 
 def trial_name(trial_id: str) -> str:
@@ -202,7 +222,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     data = trial_manifest_data(ctx["template"], config)
     data["metadata"]["name"] = trial_name(trial_id)
     data["spec"]["output"] |= {"dir": ctx["trials_dir"], "cache_dir": ctx["cache_dir"]}
-    manifest = Manifest.model_validate(data)
+    manifest = resolve_strategy(Manifest.model_validate(data))  # strategy auto: per trial (batch size may be searched)
     paths = RunPaths.of(manifest)
     fingerprint = training_fingerprint(manifest)
     previous = read_json(paths.state)
@@ -256,6 +276,7 @@ def apply_sweep(sweep: Sweep, *, restart: bool = False) -> int:
     name = sweep.metadata.name
     search = sweep.spec.search
     template = sweep.template_manifest()
+    resolve_strategy(template)  # strategy auto that fits nothing: say so before any trial starts
     _check_dataset_folders(template)
     paths = SweepPaths(sweep)
     fingerprint = sweep_fingerprint(sweep)
@@ -299,7 +320,11 @@ def apply_sweep(sweep: Sweep, *, restart: bool = False) -> int:
         trial_uri = server.uri
         say(f"Trials log through an MLflow server on {server.uri} (SQLite takes one writer at a time)")
     say(f"Sweep [bold]{name}[/] (attempt {attempt}): {search.algorithm} search over {', '.join(search.space)}, "
-        f"{search.scheduler.name} scheduler, {concurrency} trial(s) at a time; MLflow parent run {parent_id}")
+        f"{search.scheduler.name} scheduler, {concurrency} trial(s) at a time, metric {search.metric} ({search.mode}); "
+        f"MLflow parent run {parent_id}")
+    note = metric_note(sweep)
+    if note:
+        say(f"[yellow]Note:[/] {note}")
 
     ctx = {
         "template": template.model_dump(mode="json"),

@@ -319,6 +319,42 @@ class ValidationSpec(Strict):
         return None if value is None else _check_multiple_of_32(value)
 
 
+class EvaluationSpec(Strict):
+    """Stable evaluation loss on the dataset_type eval datasets (SimpleTuner's "stable eval loss").
+
+    Every eval image is scored with the training objective at the same num_timesteps sigmas (evenly
+    spaced in (0, 1), NOT moved by training.flow_shift) with noise fixed by seed, so the numbers are
+    comparable between checkpoints and between the trials of a sweep (metric eval_loss).
+    """
+
+    enabled: bool | None = Field(
+        default=None,
+        description="null: evaluate when spec.datasets has a dataset_type eval entry; true: require one (an error "
+        "without; so is changing another evaluation setting without one); false: never evaluate.",
+    )
+    every_steps: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Evaluate every N optimizer steps (and always at the last step). null: at every checkpoint "
+        "(training.checkpoint_every). The checkpoint report (what a sweep's scheduler compares) carries eval_loss "
+        "only from an evaluation at that step, so keep N a divisor of checkpoint_every (a sweep compared on eval_loss "
+        "refuses any other N).",
+    )
+    num_timesteps: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=28,
+        description="Sigmas each eval image is scored at: (j + 0.5) / num_timesteps for j = 0..num_timesteps-1, "
+        "the same for every flow_shift so that runs with different shifts compare. Cost per evaluation: "
+        "num_timesteps forward passes per eval image (no backward), split over the workers.",
+    )
+    seed: int = Field(
+        default=0,
+        description="Seeds the noise of each (image, sigma); independent of training.seed, rank and worker count, "
+        "so trials that differ in training.seed still see the same eval noise.",
+    )
+    batch_size: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Eval images per forward pass (per worker). null: training.batch_size."
+    )
+
+
 # Hardware profiles and inter-node links live in sana_ray.hardware (pure data, no torch/Ray).
 from sana_ray.hardware import INTERCONNECTS as _INTERCONNECTS  # noqa: E402
 from sana_ray.hardware import PROFILES as _PROFILES  # noqa: E402
@@ -416,13 +452,16 @@ class HardwareSpec(Strict):
     num_workers: Annotated[int, Field(ge=1)] = Field(default=1, description="Ray Train workers (one per GPU).")
     use_gpu: bool = Field(default=False, description="Give each worker a GPU.")
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
-    strategy: Literal["ddp", "deepspeed"] = Field(
+    strategy: Literal["ddp", "deepspeed", "auto"] = Field(
         default="ddp",
         description="ddp: torch DistributedDataParallel (every worker holds the whole model, optimizer and "
-        "gradients); deepspeed: DeepSpeed ZeRO, configured by `deepspeed` below.",
+        "gradients); deepspeed: DeepSpeed ZeRO, configured by `deepspeed` below; auto: what `sana-ray plan` "
+        "finds fastest among those that fit the hardware profile (ddp or a ZeRO stage, with offload if needed), "
+        "decided when the run starts and recorded in the run's manifest.yaml (needs hardware.profile or the "
+        "pools' profiles on GPUs).",
     )
     deepspeed: DeepSpeedSpec = Field(
-        default_factory=DeepSpeedSpec, description="Used when strategy is deepspeed."
+        default_factory=DeepSpeedSpec, description="Used when strategy is deepspeed (auto sets stage and offload; overrides are kept)."
     )
     ray_address: str | None = Field(
         default=None,
@@ -436,7 +475,7 @@ class HardwareSpec(Strict):
     )
     profile: ProfileName | None = Field(
         default=None,
-        description="GPU every worker runs on (rtx4090, a6000, l40s, a100-40g, a100-80g, h100, cpu; see "
+        description="GPU every worker runs on (rtx4090, a6000, l40s, a100-40g, a100-80g, h100, h200, cpu; see "
         "docs/hardware.md). Sets NCCL variables, implies use_gpu, and is what `sana-ray plan` sizes against. "
         "null: no profile (NCCL defaults; `sana-ray plan` then needs --profile unless use_gpu is false).",
     )
@@ -541,6 +580,10 @@ class Spec(Strict):
     datasets: Annotated[list[DatasetSpec], Field(min_length=1)]
     training: TrainingSpec
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec,
+        description="Stable evaluation loss on the dataset_type eval datasets (metric eval_loss); on by default when there are any.",
+    )
     hardware: HardwareSpec = Field(default_factory=HardwareSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
@@ -552,6 +595,33 @@ class Spec(Strict):
         if duplicates:
             raise ValueError(f"dataset names must be unique; repeated: {', '.join(duplicates)}")
         return self
+
+    @model_validator(mode="after")
+    def _evaluation_needs_eval_datasets(self) -> "Spec":
+        if self._eval_dataset_names() or self.evaluation.enabled is False:
+            return self
+        if self.evaluation.enabled:
+            raise ValueError(
+                "evaluation.enabled is true but no enabled dataset has dataset_type: eval; add a held-out dataset "
+                "with dataset_type: eval to spec.datasets, or remove evaluation.enabled"
+            )
+        # Settings that differ from the defaults ask for an evaluation too (compared with the defaults,
+        # not "was it written": a resolved manifest spells out every default).
+        fields = EvaluationSpec.model_fields
+        asked = [k for k in fields if k != "enabled" and getattr(self.evaluation, k) != fields[k].get_default(call_default_factory=True)]
+        if asked:
+            raise ValueError(
+                f"evaluation.{asked[0]} is set but no enabled dataset has dataset_type: eval, so nothing is evaluated; "
+                f"add a held-out dataset with dataset_type: eval to spec.datasets, or set evaluation.enabled: false"
+            )
+        return self
+
+    def _eval_dataset_names(self) -> list[str]:
+        return [d.name for d in self.datasets if d.dataset_type == "eval" and not d.disabled]
+
+    def evaluation_datasets(self) -> list[str]:
+        """Names of the datasets the stable eval loss is computed on (empty: the run does not evaluate)."""
+        return [] if self.evaluation.enabled is False else self._eval_dataset_names()
 
 
 class Manifest(Strict):

@@ -13,7 +13,7 @@ overrides)::
         space:
           training.optimizer.lr: {loguniform: [1.0e-6, 1.0e-4]}
           training.flow_shift: {choice: [1, 3, 6]}
-        metric: loss
+        metric: null                      # null: eval_loss with eval datasets, else loss
         mode: min
         num_samples: 8
         scheduler: {name: asha, grace_period: 100}
@@ -100,11 +100,12 @@ class SearchSpec(Strict):
         description="Dotted paths relative to the template (training.optimizer.lr, training.flow_shift, ...) -> "
         "a domain: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {randint: [lo, hi]}, {choice: [...]}, {grid_search: [...]}.",
     )
-    metric: str = Field(
-        default="loss",
+    metric: str | None = Field(
+        default=None,
         description="What the scheduler and 'best' compare: a metric the train loop reports at each checkpoint. "
-        "'loss' is the training loss at the checkpoint step (becomes 'eval_loss', the stable evaluation loss, "
-        "once the loop reports it).",
+        "eval_loss: the stable evaluation loss on the template's dataset_type eval datasets (fixed sigmas and "
+        "noise, so trials compare; eval_loss/<dataset> for one of several); loss: the training loss of the "
+        "checkpoint step (noisy). null: eval_loss when the template has an eval dataset, else loss (apply says so).",
     )
     mode: Literal["min", "max"] = "min"
     num_samples: Annotated[int, Field(ge=1)] = Field(
@@ -138,9 +139,43 @@ class SearchSpec(Strict):
         return self
 
 
+EVAL_METRIC = "eval_loss"  # train.evaluation.EVAL_METRIC (not imported: that module needs torch)
+
+
 class SweepSpec(Strict):
     template: Spec = Field(description="The TrainingRun spec every trial starts from (model, datasets, training, ...).")
     search: SearchSpec
+
+    @model_validator(mode="after")
+    def _metric_fits_the_template(self) -> "SweepSpec":
+        """Fill the default metric and refuse an eval metric the trials could never report."""
+        evaluated = self.template.evaluation_datasets()
+        if self.search.metric is None:
+            self.search.metric = EVAL_METRIC if evaluated else "loss"
+        metric = self.search.metric
+        if metric != EVAL_METRIC and not metric.startswith(EVAL_METRIC + "/"):
+            return self
+        if not evaluated:
+            if self.template.evaluation.enabled is False:
+                why, fix = "evaluation.enabled is false", "remove template.evaluation.enabled: false"
+            else:
+                why, fix = ("no enabled dataset has dataset_type: eval",
+                            "add a held-out dataset with dataset_type: eval to spec.template.datasets")
+            raise ValueError(f"search.metric is {metric!r} but the template does not evaluate: {why}; {fix}, "
+                             f"or set search.metric: loss")
+        if metric != EVAL_METRIC and metric[len(EVAL_METRIC) + 1 :] not in evaluated:
+            choices = ", ".join(repr(f"{EVAL_METRIC}/{name}") for name in evaluated)
+            raise ValueError(f"search.metric {metric!r} names no eval dataset; use {EVAL_METRIC!r} or one of {choices}")
+        every = self.template.evaluation.every_steps
+        checkpoint_every = self.template.training.checkpoint_every
+        if every is not None and checkpoint_every % every:
+            # Tune needs the metric in every report, and a checkpoint's report carries only an eval run at its step.
+            raise ValueError(
+                f"template.evaluation.every_steps ({every}) must divide template.training.checkpoint_every "
+                f"({checkpoint_every}) when search.metric is {metric!r}: trials are compared at checkpoints, on an "
+                f"evaluation of that step; leave every_steps null to evaluate at every checkpoint"
+            )
+        return self
 
 
 class Sweep(Strict):

@@ -4,9 +4,11 @@ One readable loop, top to bottom: load the cached data and the transformer, hand
 strategy (DDP or DeepSpeed ZeRO, ``train.strategy``; the loop does not know which), restore the
 latest checkpoint if Ray hands us one, then per optimizer step draw ``gradient_accumulation_steps``
 micro-batches, compute the rectified-flow loss, step (clipping; a non-finite step is skipped and
-counted), update the EMA, log, and checkpoint every ``checkpoint_every`` steps. At the end every
-rank helps gather the weights (the EMA's with ``ema.use_for_export``), rank 0 exports the diffusers
-pipeline and renders the validation prompts from the export.
+counted), update the EMA, log, compute the stable eval loss on the held-out eval datasets
+(``train.evaluation``; by default at every checkpoint, and reported with it), and checkpoint every
+``checkpoint_every`` steps. At the end every rank helps gather the weights (the EMA's with
+``ema.use_for_export``), rank 0 exports the diffusers pipeline and renders the validation prompts
+from the export.
 
 Determinism: the data order is a function of (seed, micro-batch index) (``data.sampler``) and
 the noise / timesteps of micro-batch ``i`` on rank ``r`` come from a generator seeded by
@@ -30,6 +32,7 @@ from sana_ray.manifest.schema import Manifest
 from sana_ray.train import checkpoint as ckpt
 from sana_ray.train.activations import enable_gradient_checkpointing
 from sana_ray.train.ema import EMA
+from sana_ray.train.evaluation import build_evaluator, eval_due
 from sana_ray.train.nonfinite import NonFiniteGuard
 from sana_ray.train.optim import build_lr_scheduler, build_optimizer
 from sana_ray.train.strategy import build_strategy
@@ -41,7 +44,7 @@ class WorkerConfig:
 
     manifest: dict  # the resolved manifest, JSON mode
     model_source: str  # local diffusers folder or hub id (``tiny`` already resolved)
-    cache: object  # data.cache.CacheSet
+    cache: object  # data.cache.CacheSet (its eval_sets: the dataset_type eval datasets, never trained on)
     run_dir: str
     fingerprint: str
     mlflow_tracking_uri: str
@@ -100,6 +103,8 @@ def train_func(config: dict) -> None:
         if rank == 0:
             print(f"[sana-ray] resuming from step {state.step} (checkpoint {restored.path})", flush=True)
     guard = NonFiniteGuard(training.max_nonfinite_steps, total=state.nonfinite_steps, in_a_row=state.nonfinite_in_a_row)
+    # Stable eval loss on the held-out sets (None when the run has none or evaluation.enabled is false).
+    evaluator = build_evaluator(spec, getattr(cfg.cache, "eval_sets", {}), rank=rank, world_size=world_size, device=device)
 
     logger = RunLogger(cfg.mlflow_tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
     run_dir = Path(cfg.run_dir)
@@ -169,8 +174,21 @@ def train_func(config: dict) -> None:
                 flush=True,
             )
 
+        # Before the checkpoint, so that its report (what a sweep's scheduler compares) carries it.
+        eval_metrics: dict[str, float] = {}
+        if evaluator is not None and eval_due(state.step, spec):
+            evaluated = evaluator.evaluate(strategy.model, strategy.module, strategy.autocast)  # every rank
+            eval_metrics = evaluated.report_metrics()
+            if logger is not None:
+                items = list(evaluated.mlflow_metrics().items())
+                for start in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics per batch
+                    logger.log_metrics(dict(items[start : start + 1000]), step=state.step)
+                print(f"[sana-ray] step {state.step}/{training.steps}  eval_loss {evaluated.loss:.4f}  "
+                      f"({len(evaluated.sigmas)} sigmas, {sum(d.samples for d in evaluated.datasets)} images, "
+                      f"{evaluated.seconds:.1f} s)", flush=True)
+
         if state.step % training.checkpoint_every == 0 or state.step == training.steps:
-            _report_checkpoint(rank, strategy, ema, state)
+            _report_checkpoint(rank, strategy, ema, state, eval_metrics)
         _injected_fault(state.step, run_dir)
         _injected_hold(state.step)
 
@@ -232,14 +250,15 @@ def _batch_files(cache, plan, first_micro_batch: int, accumulation: int, world_s
     return sorted({cache.image_paths[i] for i in indices})
 
 
-def _report_checkpoint(rank: int, strategy, ema, state: ckpt.TrainState) -> None:
+def _report_checkpoint(rank: int, strategy, ema, state: ckpt.TrainState, eval_metrics: dict[str, float]) -> None:
     """Every rank writes its part (DeepSpeed: its ZeRO shards) and reports it; Ray Train merges the
-    ranks' folders into one checkpoint. ``report`` is a barrier, so every rank calls it."""
+    ranks' folders into one checkpoint. ``report`` is a barrier, so every rank calls it.
+    ``eval_metrics``: the eval losses of an evaluation at this very step (empty if none ran)."""
     import ray.train
 
     if not strategy.weights_finite():  # collective; the guard makes this unreachable, but never save NaNs
         raise FloatingPointError(f"non-finite weights at step {state.step}: refusing to checkpoint them")
-    metrics = {"step": state.step, "loss": state.loss}
+    metrics = {"step": state.step, "loss": state.loss} | eval_metrics
     name = f"checkpoint-{state.step:06d}"
     with tempfile.TemporaryDirectory(prefix="sana-ray-ckpt-") as folder:
         ckpt.save(Path(folder), strategy=strategy, ema=ema, state=state, rank=rank)

@@ -1,5 +1,8 @@
 """End-to-end sweep (`kind: Sweep`): Ray Tune + ASHA over 4 Ray Train trials, real MLflow, diffusers.
 
+The template holds out a small eval dataset, so the trials are compared on the stable eval loss
+(`eval_loss`, the default metric then; 4 sigmas on 2 images keep it cheap).
+
 One sweep (module-scoped) is asserted on from every angle: it is the slow part (~1.5-2.5 min on 2 cores).
 """
 
@@ -14,6 +17,8 @@ import yaml
 pytestmark = pytest.mark.e2e
 
 STEPS = 6
+CHECKPOINT_EVERY = 2
+EVAL_TIMESTEPS = 4  # sigmas 0.125, 0.375, 0.625, 0.875
 PROMPTS = ["a red circle on a white background", "a blue square"]
 SPACE = {
     # A good and a hopeless learning rate, x two shifts. Trials run one at a time in grid order, so
@@ -23,7 +28,7 @@ SPACE = {
 }
 
 
-def write_sweep(path: Path, *, data_dir: Path, output_dir: Path, name: str) -> Path:
+def write_sweep(path: Path, *, data_dir: Path, eval_dir: Path, output_dir: Path, name: str) -> Path:
     doc = {
         "apiVersion": "sana-ray/v1",
         "kind": "Sweep",
@@ -31,9 +36,13 @@ def write_sweep(path: Path, *, data_dir: Path, output_dir: Path, name: str) -> P
         "spec": {
             "template": {
                 "model": {"pretrained": "tiny"},
-                "datasets": [{"name": "shapes", "path": str(data_dir), "resolution": 64}],
-                "training": {"steps": STEPS, "batch_size": 2, "seed": 7, "checkpoint_every": 2},
+                "datasets": [
+                    {"name": "shapes", "path": str(data_dir), "resolution": 64},
+                    {"name": "holdout", "path": str(eval_dir), "resolution": 64, "dataset_type": "eval"},
+                ],
+                "training": {"steps": STEPS, "batch_size": 2, "seed": 7, "checkpoint_every": CHECKPOINT_EVERY},
                 "validation": {"prompts": PROMPTS, "num_inference_steps": 2},
+                "evaluation": {"num_timesteps": EVAL_TIMESTEPS},  # every checkpoint (the default)
                 # Half a CPU per worker: on 2 cores a stopped trial's leaked worker placement group (see
                 # docs/sweeps.md) then cannot starve the next trial even if the clean-up misses it.
                 "hardware": {"num_workers": 1, "cpus_per_worker": 0.5},
@@ -41,8 +50,7 @@ def write_sweep(path: Path, *, data_dir: Path, output_dir: Path, name: str) -> P
                 "output": {"dir": str(output_dir)},
             },
             "search": {
-                "space": SPACE,
-                "metric": "loss",
+                "space": SPACE,  # no metric: eval_loss, because the template has an eval dataset
                 "mode": "min",
                 "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
                 "max_concurrent_trials": 1,
@@ -61,7 +69,9 @@ def sweep_run(ray_local, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("sweep")
     make_shapes(work / "shapes", count=8, size=64, seed=3)
-    path = write_sweep(work / "sweep.yaml", data_dir=work / "shapes", output_dir=work / "runs", name="lr-shift")
+    make_shapes(work / "holdout", count=2, size=64, seed=11)
+    path = write_sweep(work / "sweep.yaml", data_dir=work / "shapes", eval_dir=work / "holdout",
+                       output_dir=work / "runs", name="lr-shift")
     sweep = load_document(path)
     assert apply_sweep(sweep) == 0
     root = work / "runs" / "lr-shift"
@@ -71,6 +81,7 @@ def sweep_run(ray_local, tmp_path_factory):
 def test_summary_statuses_and_best(sweep_run):
     _, root, summary = sweep_run
     assert summary["status"] == "completed" and summary["kind"] == "Sweep"
+    assert summary["metric"] == "eval_loss"
     trials = summary["trials"]
     assert len(trials) == 4
     assert {(t["values"]["training.optimizer.lr"], t["values"]["training.flow_shift"]) for t in trials} == {
@@ -119,6 +130,9 @@ def test_mlflow_parent_children_params_statuses_histories(sweep_run):
         parent = parents[0]
         assert tags[parent]["sana_ray.best_trial"] == summary["best"]["trial_id"]
         assert tags[parent]["sana_ray.status"] == "completed"
+        assert tags[parent]["sana_ray.metric"] == "eval_loss"
+        parent_metrics = {m["key"]: m["value"] for r in runs if r["info"]["run_id"] == parent for m in r["data"].get("metrics", [])}
+        assert parent_metrics["best_eval_loss"] == summary["best"]["metric"]
         for rid in children:
             trial = by_run[rid]
             assert tags[rid]["mlflow.parentRunId"] == parent
@@ -131,6 +145,16 @@ def test_mlflow_parent_children_params_statuses_histories(sweep_run):
                 assert steps == list(range(1, STEPS + 1))
             else:  # stopped at a rung: it logged up to that checkpoint (and maybe on while the stop was in flight)
                 assert trial["steps"] in steps and trial["steps"] < STEPS
+            # The stable eval loss: at every checkpoint, the value Tune compared is the one MLflow holds,
+            # and one history per sigma.
+            evals = {m["step"]: m["value"] for m in call("metrics/get-history", query=f"?run_id={rid}&metric_key=eval_loss")["metrics"]}
+            assert evals and all(step % CHECKPOINT_EVERY == 0 for step in evals), evals
+            assert evals[trial["steps"]] == trial["metric"]
+            if trial["status"] == "completed":
+                assert sorted(evals) == list(range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY))
+            for sigma in ("0.1250", "0.8750"):
+                per_sigma = call("metrics/get-history", query=f"?run_id={rid}&metric_key=eval_loss/sigma_{sigma}")["metrics"]
+                assert sorted(m["step"] for m in per_sigma) == sorted(evals)
         artifacts = call("artifacts/list", query=f"?run_id={parent}")
         assert {"grid.png", "summary.json", "sweep.yaml"} <= {f["path"] for f in artifacts.get("files", [])}
 

@@ -168,3 +168,55 @@ def test_cli_validate_prints_a_sweep_without_heavy_imports(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "kind: Sweep" in result.stdout and "HEAVY []" in result.stderr
+
+
+def _with_eval(doc: dict, **evaluation) -> dict:
+    template = doc["spec"]["template"]
+    template["datasets"].append({"name": "held", "path": "held", "resolution": 64, "dataset_type": "eval"})
+    if evaluation:
+        template["evaluation"] = evaluation
+    return doc
+
+
+def test_default_metric_is_eval_loss_with_eval_data_else_loss(tmp_path):
+    from sana_ray.launch.sweep import metric_note
+
+    plain = load_document(_write(tmp_path, _doc()))
+    assert plain.spec.search.metric == "loss"
+    assert "dataset_type: eval" in metric_note(plain)  # apply says why the metric is the noisy one
+    evaluated = load_document(_write(tmp_path, _with_eval(_doc())))
+    assert evaluated.spec.search.metric == "eval_loss" and metric_note(evaluated) is None
+    assert load_document(_write(tmp_path, _with_eval(_doc(), enabled=False))).spec.search.metric == "loss"
+    # the resolved metric is what `validate` prints and what a resumed sweep reloads
+    assert Sweep.model_validate(evaluated.model_dump(mode="json")).spec.search.metric == "eval_loss"
+    explicit = load_document(_write(tmp_path, _with_eval(_doc(metric="loss"))))
+    assert explicit.spec.search.metric == "loss"
+    per_dataset = load_document(_write(tmp_path, _with_eval(_doc(metric="eval_loss/held"))))
+    assert per_dataset.spec.search.metric == "eval_loss/held"
+
+
+@pytest.mark.parametrize(
+    "doc, fragment",
+    [
+        (_doc(metric="eval_loss"), "search.metric is 'eval_loss' but the template does not evaluate: no enabled dataset has dataset_type: eval (add a held-out"),
+        (_with_eval(_doc(metric="eval_loss"), enabled=False), "does not evaluate: evaluation.enabled is false (remove template.evaluation.enabled: false, or set search.metric: loss)"),
+        (_with_eval(_doc(metric="eval_loss/other")), "search.metric 'eval_loss/other' names no eval dataset (use 'eval_loss' or one of 'eval_loss/held')"),
+        (_with_eval(_doc(), every_steps=3), "template.evaluation.every_steps (3) must divide template.training.checkpoint_every (5)"),
+    ],
+)
+def test_eval_metrics_the_trials_could_not_report_are_refused(tmp_path, doc, fragment):
+    with pytest.raises(ManifestError) as error:
+        load_document(_write(tmp_path, doc))
+    assert fragment in str(error.value)
+    assert str(tmp_path / "sweep.yaml") + ":" in str(error.value)
+
+
+def test_eval_settings_are_part_of_an_eval_loss_sweeps_identity(tmp_path):
+    from sana_ray.launch.sweep import sweep_fingerprint
+
+    def fingerprint(doc: dict) -> str:
+        return sweep_fingerprint(load_document(_write(tmp_path, doc)))
+
+    assert fingerprint(_with_eval(_doc(), num_timesteps=8)) != fingerprint(_with_eval(_doc(), num_timesteps=4))
+    # compared on the training loss, the eval settings do not matter to the trials
+    assert fingerprint(_with_eval(_doc(metric="loss"), num_timesteps=8)) == fingerprint(_with_eval(_doc(metric="loss"), num_timesteps=4))
