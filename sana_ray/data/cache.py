@@ -24,6 +24,17 @@ writes each shard itself (``<name>.<pid>.tmp`` then ``os.replace``), so finished
 kill and are not redone by the next build. Each shard records its items in its safetensors
 metadata; a shard whose items do not match (e.g. batch_size changed between builds) is rebuilt.
 
+Checksums: next to every shard, ``shard_XXXXX.safetensors.sha256`` (JSON ``{"sha256", "size"}``
+of the whole shard file) is put in place, atomically, *before* the shard is renamed into place,
+so a shard counts as finished only when its file matches its record. Every build that looks at a
+folder (complete or not) checks each shard's size and sha256 against its record (up to
+VERIFY_THREADS files at a time; sha256 ran at ~1 GB/s per core on a 2-core CPU machine, see
+benchmarks/data_wait.py) and rebuilds only the shards that fail, saying which and why. A
+shard from an older build, without a record, is re-verified (header parses, every tensor's bytes
+present, items match) and its record is written then: bit flips that happened before that first
+check cannot be seen, later ones can. Leftover temp files of dead writers are removed when the
+folder is finished.
+
 Every node that runs encoder actors must see ``cache_root`` (and a local ``model_source``) at the
 same path: on a multi-node cluster that means shared storage.
 """
@@ -55,6 +66,10 @@ KEY_LENGTH = 24  # hex characters of the sha256 used as the folder name
 ENCODE_DTYPE = "float32"  # encoders run and caches are stored in float32 (exact, reproducible)
 PROGRESS_INTERVAL_S = 5.0
 DECODE_THREADS = 8  # per encoder actor
+CHECKSUM_SUFFIX = ".sha256"  # shard_XXXXX.safetensors.sha256: {"sha256": hex of the file, "size": bytes}
+VERIFY_THREADS = 8  # shards hashed in parallel when a build checks a folder (hashlib releases the GIL)
+DAMAGED_LINES = 10  # damaged shards named one per line, per folder; then a count
+HOLD_ENV = "SANA_RAY_CACHE_HOLD_AT_SHARD"  # testing aid, see _injected_hold
 
 Progress = Callable[[str], None]
 
@@ -156,11 +171,13 @@ class CachedData:
         if any(self.buckets[i] != bucket for i in indices):
             raise ValueError(f"samples {indices} have different latent shapes; batch within a bucket (BatchPlan does)")
         index = torch.as_tensor(indices, dtype=torch.long)
-        text = self.text_rows[index] if key is None else self.text_rows_for(indices, key)
+        text = self.text_rows.index_select(0, index) if key is None else self.text_rows_for(indices, key)
+        # index_select: the same rows as tensor[rows], several times faster for these row gathers
+        # (this runs once per micro-batch in every worker; benchmarks/data_wait.py).
         return {
-            "latents": self.latents[bucket][self.latent_rows[index]],
-            "prompt_embeds": self.prompt_embeds[text],
-            "prompt_attention_mask": self.prompt_attention_mask[text],
+            "latents": self.latents[bucket].index_select(0, self.latent_rows.index_select(0, index)),
+            "prompt_embeds": self.prompt_embeds.index_select(0, text),
+            "prompt_attention_mask": self.prompt_attention_mask.index_select(0, text),
         }
 
 
@@ -183,34 +200,125 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _read_index(folder: Path, kind: str) -> dict | None:
+def _read_index(folder: Path, kind: str, *, require_shards: bool = True) -> dict | None:
     try:
         index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if index.get("format") != CACHE_FORMAT or index.get("kind") != kind:
         return None
-    if not all((folder / name).is_file() for name in index.get("shards", [])):
+    if require_shards and not all((folder / name).is_file() for name in index.get("shards", [])):
         return None
     return index
 
 
-def _shard_header(path: Path, items: list[str]) -> tuple[dict[str, list[int]], dict[str, str]] | None:
-    """(tensor shapes, {row: error} of images that failed to load) of a finished shard whose
-    recorded items equal ``items``; None if it is absent, stale or damaged (it is then rebuilt)."""
+def _read_header(path: Path, items: list[str]) -> tuple[tuple[dict[str, list[int]], dict[str, str]] | None, str | None]:
+    """(header, None) of a readable shard holding ``items``; (None, why) otherwise, where ``why``
+    is None for an absent or stale shard (other items) and a reason for a damaged one. safetensors
+    refuses a file whose size does not match its header ("file not fully covered"): truncation or
+    appended bytes show up here even without a checksum."""
     from safetensors import safe_open
 
     if not path.is_file():
-        return None
+        return None, None
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if json.loads(metadata.get("items", "null")) != items:
-                return None
+                return None, None
             shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
-            return shapes, json.loads(metadata.get("failed", "{}"))
-    except Exception:  # truncated or foreign file: rebuild it
+            return (shapes, json.loads(metadata.get("failed", "{}"))), None
+    except Exception as error:  # truncated or foreign file: rebuild it
+        return None, f"unreadable ({type(error).__name__}: {str(error)[:200]})"
+
+
+def _checksum_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + CHECKSUM_SUFFIX)
+
+
+def _read_checksum(shard: Path) -> dict | None:
+    """A shard's recorded {"sha256", "size"}, or None when there is none (an older build) or it is unreadable."""
+    try:
+        record = json.loads(_checksum_path(shard).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str) or not isinstance(record.get("size"), int):
+        return None
+    return record
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+@dataclass
+class _ShardCheck:
+    """What a build found when it checked one shard file."""
+
+    header: tuple[dict[str, list[int]], dict[str, str]] | None  # set when the shard is good
+    problem: str | None = None  # why a present shard is damaged (it is rebuilt)
+    adopted: bool = False  # it had no checksum (an older build): re-verified, and its checksum recorded now
+    size: int = 0  # bytes hashed
+
+
+def _verify_shard(path: Path, items: list[str], *, full: bool = True) -> _ShardCheck:
+    """Check a shard against its checksum record: size always, sha256 of the whole file when ``full``.
+
+    Absent or stale (other items): ``header`` None, no problem (simply (re)encoded). Damaged (size
+    or sha256 differs from the record, or safetensors cannot read it): ``problem`` says how. No
+    record (an older build): readable with the right items -> adopted, its record written now.
+    """
+    if not path.is_file():
+        return _ShardCheck(None)
+    record = _read_checksum(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return _ShardCheck(None)
+    if record is not None and size != record["size"]:
+        return _ShardCheck(None, f"{size} bytes where {record['size']} were written (truncated or overwritten)")
+    header, why = _read_header(path, items)
+    if header is None:
+        return _ShardCheck(None, why)
+    if record is None:
+        # An older build's shard: it reads, its sizes add up, its items match; record it from now on.
+        _write_json_atomic(_checksum_path(path), {"sha256": _file_sha256(path), "size": size})
+        return _ShardCheck(header, adopted=True, size=size)
+    if full and _file_sha256(path) != record["sha256"]:
+        return _ShardCheck(None, "sha256 differs from the one recorded when it was written (damaged data)")
+    return _ShardCheck(header, size=size if full else 0)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: a killed process whose parent has not reaped it yet is a zombie
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _remove_stale_temps(folder: Path) -> list[str]:
+    """Remove ``<name>.<pid>.tmp`` files whose writer is no longer running on this machine (a
+    killed build's half-written shard or record). A live pid's file is left alone: it may be
+    another build on this machine finishing a redundant copy."""
+    removed = []
+    for path in folder.glob("*.tmp"):
+        pid = path.name.rsplit(".", 2)[-2] if path.name.count(".") >= 2 else ""
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            pass
+    return removed
 
 
 @dataclass
@@ -308,8 +416,9 @@ class _ShardEncoder:
 
     def _encode_shard(self, job: dict) -> dict:
         import torch
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
+        _injected_hold(job, written=False)
         items: list[str] = job["items"]
         tensors: dict[str, torch.Tensor] = {}
         failed: dict[str, str] = {}  # row -> why its image could not be loaded
@@ -345,9 +454,29 @@ class _ShardEncoder:
         final = Path(job["path"])
         tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
         metadata = {"items": json.dumps(items, ensure_ascii=False), "failed": json.dumps(failed), "format": str(CACHE_FORMAT)}
-        save_file(tensors, str(tmp), metadata=metadata)
+        blob = save(tensors, metadata=metadata)  # the file's bytes, hashed before they reach the disk
+        tmp.write_bytes(blob)
+        # The record goes in place before the shard: a shard is finished only when its file matches
+        # its record, so a kill between the two renames leaves a missing (or old) shard, redone next time.
+        _write_json_atomic(_checksum_path(final), {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)})
+        _injected_hold(job, written=True)
         os.replace(tmp, final)
         return {"folder": job["folder"], "shard": job["shard"], "count": len(items)}
+
+
+def _injected_hold(job: dict, *, written: bool) -> None:
+    """Testing aid (like train.loop's SANA_RAY_HOLD_AT_STEP): with SANA_RAY_CACHE_HOLD_AT_SHARD=N in
+    the environment of the process that calls ``build_caches``, the encoder actors finish the first
+    N shards of the build's queue (text shards first, then each latent folder's, in order), write
+    shard N's temp file and checksum record but do not rename it, and never start later shards:
+    they sleep instead, so a test can kill the build at a known point (with a temp file left, as
+    by a kill mid-write) however fast the machine encodes. The driver puts N in every job."""
+    at = job.get("hold_at")
+    if at is None or job["seq"] < at or (job["seq"] == at and not written):
+        return
+    print(f"[sana-ray] {HOLD_ENV}={at}: holding before {'renaming' if written else 'encoding'} "
+          f"{Path(job['path']).name} (queue position {job['seq']})", flush=True)
+    time.sleep(3600)
 
 
 def _encode_captions(encoder, items: list[str]):
@@ -418,27 +547,55 @@ def _plan_latents(dataset: "DatasetSpec", samples: list[Sample], fingerprint: st
 
 
 def _check_folder(folder: _Folder, say: Progress) -> None:
-    """Reuse a complete folder, or list the shards that still need encoding."""
-    index = _read_index(folder.path, folder.kind)
+    """Reuse a complete folder whose shards all match their checksums, or list the shards that
+    still need encoding: absent, stale (other items) or damaged (those are named in ``say``).
+
+    A complete folder with a missing or damaged shard keeps its index.json while that shard is
+    redone (it is rewritten when the build finishes): the index fixes the folder's shard layout,
+    and a rebuild that is itself interrupted finds the same shard bad again next time."""
+    index = _read_index(folder.path, folder.kind, require_shards=False)
     unit = "captions" if folder.kind == "text" else "images"
-    if index is not None and index.get("items_count") == len(folder.items):
+    complete = index is not None and index.get("items_count") == len(folder.items)
+    if complete:
+        # Keep the folder's own shard layout (the key does not depend on the shard size), so a
+        # damaged shard is redone alone rather than the whole folder in a new layout.
+        folder.shard_size = int(index.get("shard_size") or folder.shard_size)
+    else:
+        folder.path.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    shards = range(folder.num_shards)
+    with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
+        checks = list(pool.map(lambda s: _verify_shard(folder.path / _shard_name(s), folder.shard_items(s)), shards))
+    elapsed = time.monotonic() - started
+    damaged = [(s, c.problem) for s, c in zip(shards, checks) if c.problem]
+    for shard, problem in damaged[:DAMAGED_LINES]:
+        say(f"{folder.label}: {folder.path / _shard_name(shard)} is damaged: {problem}; rebuilding it")
+    if len(damaged) > DAMAGED_LINES:
+        say(f"{folder.label}: ... and {len(damaged) - DAMAGED_LINES} more damaged shards; rebuilding them")
+    adopted = sum(c.adopted for c in checks)
+    if adopted:
+        say(f"{folder.label}: {adopted} shard(s) from an older build had no checksum: re-verified, checksum recorded")
+    folder.todo = [s for s, c in zip(shards, checks) if c.header is None]
+    if complete and not folder.todo:
         folder.index = index
-        say(f"reusing {folder.label} cache {folder.path} ({len(folder.items)} {unit})")
+        hashed = sum(c.size for c in checks)
+        say(f"reusing {folder.label} cache {folder.path} ({len(folder.items)} {unit}; "
+            f"{len(checks)} shards verified, {hashed / 1e6:.1f} MB hashed in {elapsed:.2f} s)")
         return
-    folder.path.mkdir(parents=True, exist_ok=True)
-    folder.todo = [s for s in range(folder.num_shards) if _shard_header(folder.path / _shard_name(s), folder.shard_items(s)) is None]
     done = len(folder.items) - sum(len(folder.shard_items(s)) for s in folder.todo)
     if done:
         say(f"{folder.label}: {done}/{len(folder.items)} {unit} already cached in {folder.path}, encoding the rest")
 
 
 def _finish_folder(folder: _Folder) -> None:
-    """Check every shard and write index.json (last, atomically): the folder is then complete."""
+    """Check every shard (header, items, size against its checksum record: the shards were just
+    written or verified, so they are not hashed again), remove dead writers' temp files, and write
+    index.json (last, atomically): the folder is then complete."""
     shards, items, shape = [], [], None
     for s in range(folder.num_shards):
         name = _shard_name(s)
         expected = folder.shard_items(s)
-        header = _shard_header(folder.path / name, expected)
+        header = _verify_shard(folder.path / name, expected, full=False).header
         if header is None:
             raise DataError(f"{folder.label}: shard {folder.path / name} is missing or incomplete after the build; rerun to rebuild it")
         shards.append(name)
@@ -466,6 +623,7 @@ def _finish_folder(folder: _Folder) -> None:
         index["shape"] = shape
     else:
         index["items"] = items
+    _remove_stale_temps(folder.path)
     _write_json_atomic(folder.path / INDEX_FILE, index)
     folder.index = index
 
@@ -475,6 +633,7 @@ def _run_encoders(folders: list[_Folder], model: dict, num_actors: int, use_gpu:
     import ray
 
     jobs = []
+    hold = os.environ.get(HOLD_ENV)  # testing aid: see _injected_hold
     for number, folder in enumerate(folders):
         for shard in folder.todo:
             job = {
@@ -484,8 +643,11 @@ def _run_encoders(folders: list[_Folder], model: dict, num_actors: int, use_gpu:
                 "shard": shard,
                 "path": str(folder.path / _shard_name(shard)),
                 "items": folder.shard_items(shard),
+                "seq": len(jobs),
                 **folder.params,
             }
+            if hold:
+                job["hold_at"] = int(hold)
             if folder.extras is not None:
                 job["geometry"] = folder.extras[shard * folder.shard_size : (shard + 1) * folder.shard_size]
             jobs.append({"job": json.dumps(job, ensure_ascii=False)})
@@ -593,6 +755,11 @@ def build_caches(
     latent_folders: dict[Path, _Folder] = {}
     dataset_folders: list[_Folder] = []
     for dataset, samples, _ in found:
+        if not getattr(dataset, "cache_latents", True):  # encoded in the training loop instead (data/online.py)
+            from sana_ray.data.online import plan_online
+
+            dataset_folders.append(plan_online(dataset, samples, model_source, model, root / "latents"))
+            continue
         folder = _plan_latents(
             dataset, samples, fingerprint, model, _under(root, getattr(dataset, "cache_dir", None), "latents"),
             getattr(dataset, "vae_batch_size", None) or batch_size,
@@ -635,6 +802,8 @@ def build_caches(
 def _entry_file(root: Path, folder: _Folder, shard: str) -> str:
     """A shard's name relative to ``<root>/latents`` when it lies there, else its absolute path."""
     latents = root / "latents"
+    if folder.kind == "online":  # no file: the entry carries the planned geometry (data/online.py)
+        return shard
     if folder.path.parent == latents:
         return f"{folder.key}/{shard}"
     return str(folder.path / shard)

@@ -44,6 +44,7 @@ from sana_ray.launch.apply import (
     now_iso,
     prepare_model_and_caches,
     read_json,
+    resolve_strategy,
     training_fingerprint,
     write_json_atomic,
     write_text_atomic,
@@ -289,6 +290,9 @@ def apply_sweep(sweep: Sweep, *, restart: bool = False) -> int:
             f"{best.get('trial_id')} {search.metric}={best.get('metric')}). Use --restart to sweep again.")
         return 0
     attempt = previous["attempt"] if same and previous else previous.get("attempt", 0) + 1
+    if previous and not same:
+        say(f"The sweep spec of [bold]{name}[/] changed since attempt {previous['attempt']}"
+            f"{' (--restart)' if restart else ''}: starting attempt {attempt} (earlier trials are kept)")
     tune_path = paths.tune / f"attempt-{attempt}"
 
     paths.root.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,7 @@ _IMAGE_ONLY_FIELDS = frozenset(
         "caption_dropout_probability", "resolution", "resolution_type", "minimum_image_size",
         "maximum_image_size", "target_downsample_size", "crop", "crop_style", "crop_aspect",
         "crop_aspect_buckets", "repeats", "is_regularisation_data", "probability", "vae_batch_size",
+        "cache_latents",
     }
 )
 
@@ -170,6 +171,14 @@ class DatasetSpec(Strict):
     write_batch_size: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="text_embeds entries: captions per text-encoder forward (and per shard file). null: 8."
     )
+    cache_latents: bool = Field(
+        default=True,
+        description="true: the VAE latents are encoded once, into the latent cache, before training. false "
+        "(SimpleTuner's vae_cache_disable): no latent cache for this dataset; every training worker loads, "
+        "crops and VAE-encodes each batch's images right before the forward pass (same geometry and latents "
+        "as the cache; for datasets too large for the cache's disk, at the cost of a VAE forward per sample "
+        "per step). Captions are still cached. Training datasets only (not dataset_type eval).",
+    )
     cache_dir: Path | None = Field(
         default=None,
         description="Where this entry's cache goes (image datasets: latents; text_embeds: text embeddings). "
@@ -213,6 +222,8 @@ class DatasetSpec(Strict):
             raise ValueError("minimum_image_size is larger than maximum_image_size")
         if self.target_downsample_size is not None and self.maximum_image_size is None:
             raise ValueError("target_downsample_size needs maximum_image_size (images above it are downsampled)")
+        if self.dataset_type == "eval" and not self.cache_latents:
+            raise ValueError("cache_latents: false is for training datasets; a dataset_type eval set is always cached (it is small and read at every evaluation)")
         return self
 
 

@@ -64,7 +64,7 @@ def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from sana_ray.data.cache import load_cache
+    from sana_ray.data.online import load_data
     from sana_ray.launch.tracking import RunLogger
     from sana_ray.model.flow import flow_matching_loss, sample_u, shift_sigmas
     from sana_ray.model.loading import load_transformer
@@ -80,8 +80,10 @@ def train_func(config: dict) -> None:
     accumulation = training.gradient_accumulation_steps
 
     # --- data: every worker holds the (small) cached latents and embeddings; the plan decides
-    # which samples each rank trains on at each micro-batch.
-    data = load_cache(cfg.cache)
+    # which samples each rank trains on at each micro-batch. Samples of cache_latents: false
+    # datasets are loaded and VAE-encoded per batch (data.online), with the run's VAE, loaded
+    # here once (on first use) and only when the run has such samples.
+    data = load_data(cfg.cache, encoder=lambda: _online_encoder(cfg.model_source, spec, device))
     plan = cfg.cache.batch_plan(training.batch_size, world_size, training.seed)
 
     # --- model, optimizer, schedule, strategy (DDP or DeepSpeed ZeRO), EMA; then restore.
@@ -118,7 +120,7 @@ def train_func(config: dict) -> None:
             micro_batch = first_micro_batch + k
             # key: which caption line and whether caption dropout fires are decided per (seed, rank, micro-batch)
             batch = data.batch(plan.batch(micro_batch, rank), key=(training.seed, rank, micro_batch))
-            latents = batch["latents"].to(device)  # [B, C, h, w], already scaled by the VAE's scaling_factor
+            latents = batch["latents"].to(device)  # [B, C, h, w], already scaled by the VAE's scaling_factor (cached or encoded online)
             prompt_embeds = batch["prompt_embeds"].to(device)  # [B, L, C_text]
             prompt_mask = batch["prompt_attention_mask"].to(device)  # [B, L]
             generator = torch.Generator(device="cpu").manual_seed(micro_batch_seed(training.seed, rank, micro_batch))
@@ -206,6 +208,16 @@ def train_func(config: dict) -> None:
     weights = _export_weights(strategy, ema, use_ema=ema is not None and training.ema.use_for_export)
     if rank == 0:
         _finish(_plain_transformer(strategy, weights), spec, cfg, device, run_dir, logger, state.step)
+
+
+def _online_encoder(model_source: str, spec, device: torch.device):
+    """The VAE for online latents (cache_latents: false), as the cache's encoder actors load it:
+    float32, eval mode, no grad, latents times the VAE's scaling_factor (model.latents.LatentEncoder)."""
+    from sana_ray.data.cache import ENCODE_DTYPE
+    from sana_ray.model.latents import LatentEncoder
+
+    return LatentEncoder.from_pretrained(model_source, device=device, dtype=getattr(torch, ENCODE_DTYPE),
+                                         revision=spec.model.revision, variant=spec.model.variant)
 
 
 FAULT_ENV = "SANA_RAY_FAULT_AT_STEP"

@@ -132,9 +132,11 @@ def test_new_resolution_and_half_finished_build(world):
     old = world["cache"]
     b_folder = Path(old.latent_dirs[1])
     text_before = _files(Path(old.text_dir))
-    # Simulate a build of b's latents killed half-way: no index.json, one shard missing.
+    # Simulate a build of b's latents killed half-way: no index.json, one shard missing
+    # (test_cache_integrity.py SIGKILLs a real build in another process).
     (b_folder / "index.json").unlink()
     (b_folder / "shard_00001.safetensors").unlink()
+    (b_folder / "shard_00001.safetensors.sha256").unlink()  # its checksum record (rewritten with it)
     b_before = _files(b_folder)
 
     specs = [world["specs"][0].model_copy(update={"resolution": 32}), world["specs"][1]]

@@ -177,3 +177,37 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(finished_r
     resumed, uninterrupted = losses(outcome), losses(reference)
     for step in range(resumed_step + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
+
+
+def test_online_latents_train_like_cached_ones(finished_run, shapes, workdir):
+    """`cache_latents: false` (SimpleTuner's vae_cache_disable): the same manifest with the dataset
+    encoded by the VAE inside the training loop writes no latent shards and trains to the same
+    per-step losses as the cached run."""
+    from mlflow.tracking import MlflowClient
+
+    from sana_ray.launch.apply import apply
+    from sana_ray.manifest import load_manifest
+
+    _, reference_dir = finished_run
+    reference = json.loads((reference_dir / "run.json").read_text())
+    path = write_manifest(workdir / "online.yaml", data_dir=shapes, output_dir=workdir / "runs-online", name="online",
+                          steps=6, checkpoint_every=6)
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["datasets"][0]["cache_latents"] = False
+    doc["spec"]["validation"] = {"prompts": []}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    latents_root = workdir / "cache" / "latents"
+    before = sorted(p.name for p in latents_root.iterdir())
+
+    assert apply(load_manifest(path)) == 0
+    assert sorted(p.name for p in latents_root.iterdir()) == before  # no latent shards written
+    outcome = json.loads((workdir / "runs-online" / "online" / "run.json").read_text())
+
+    def losses(info):
+        history = MlflowClient(info["mlflow_tracking_uri"]).get_metric_history(info["mlflow_run_id"], "loss")
+        return {m.step: m.value for m in history}
+
+    online, cached = losses(outcome), losses(reference)
+    assert sorted(online) == list(range(1, 7))
+    for step in online:
+        assert online[step] == pytest.approx(cached[step], rel=1e-4, abs=1e-6), step

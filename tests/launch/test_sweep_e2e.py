@@ -3,7 +3,8 @@
 The template holds out a small eval dataset, so the trials are compared on the stable eval loss
 (`eval_loss`, the default metric then; 4 sigmas on 2 images keep it cheap).
 
-One sweep (module-scoped) is asserted on from every angle: it is the slow part (~1.5-2.5 min on 2 cores).
+One sweep (module-scoped), interrupted by SIGKILL and resumed by applying it again, is asserted on
+from every angle: it is the slow part (~2.5-4 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -61,8 +62,28 @@ def write_sweep(path: Path, *, data_dir: Path, eval_dir: Path, output_dir: Path,
     return path
 
 
+def _trial_outcomes(trials_dir: Path) -> dict[str, dict]:
+    outcomes = {}
+    for path in trials_dir.glob("*/run.json"):
+        try:
+            outcomes[path.parent.name] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass  # being replaced right now
+    return outcomes
+
+
 @pytest.fixture(scope="module")
 def sweep_run(ray_local, tmp_path_factory):
+    """The sweep is interrupted and resumed: `sana-ray apply` runs in a subprocess until the first
+    trial has finished and the second has started, is SIGKILLed (driver, trials and its Ray), and the
+    same manifest is applied again here. Every test below then checks the resumed sweep, and
+    test_resumed_sweep_did_not_rerun_the_finished_trial checks that nothing was done twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
     from sana_ray.data.synthetic import make_shapes
     from sana_ray.launch.sweep import apply_sweep
     from sana_ray.manifest import load_document
@@ -72,10 +93,51 @@ def sweep_run(ray_local, tmp_path_factory):
     make_shapes(work / "holdout", count=2, size=64, seed=11)
     path = write_sweep(work / "sweep.yaml", data_dir=work / "shapes", eval_dir=work / "holdout",
                        output_dir=work / "runs", name="lr-shift")
+    root = work / "runs" / "lr-shift"
+    trials_dir = root / "attempt-1" / "trials"
+
+    log = work / "interrupted-sweep.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "sana_ray.cli", "apply", str(path)],
+                                   start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.time() + 900  # ~1.5 min on an idle 2-core machine
+    try:
+        while len(_trial_outcomes(trials_dir)) < 2:  # trials run one at a time: the first has finished
+            assert process.poll() is None, f"the sweep ended before it could be interrupted:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"no second trial within 900 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    before = _trial_outcomes(trials_dir)
+    first = next(name for name, outcome in before.items() if outcome["status"] == "completed")
+    first_export = Path(before[first]["export_path"], "model_index.json")
+    interrupted = {"trials": before, "first": first, "first_export_mtime": first_export.stat().st_mtime_ns,
+                   "parent_run_id": json.loads((root / "state.json").read_text())["mlflow_run_id"]}
+
     sweep = load_document(path)
     assert apply_sweep(sweep) == 0
-    root = work / "runs" / "lr-shift"
-    return sweep, root, json.loads((root / "summary.json").read_text())
+    return sweep, root, json.loads((root / "summary.json").read_text()) | {"_interrupted": interrupted}
+
+
+def test_resumed_sweep_did_not_rerun_the_finished_trial(sweep_run):
+    from mlflow.tracking import MlflowClient
+
+    _, root, summary = sweep_run
+    interrupted = summary["_interrupted"]
+    assert summary["mlflow_run_id"] == interrupted["parent_run_id"]  # the same parent run continued
+    after = _trial_outcomes(root / "attempt-1" / "trials")
+    first, before = interrupted["first"], interrupted["trials"][interrupted["first"]]
+    # Not run again: same start time and MLflow run, its export untouched, one loss per step.
+    assert after[first]["started_at"] == before["started_at"]
+    assert after[first]["mlflow_run_id"] == before["mlflow_run_id"]
+    assert Path(after[first]["export_path"], "model_index.json").stat().st_mtime_ns == interrupted["first_export_mtime"]
+    history = MlflowClient(summary["mlflow_tracking_uri"]).get_metric_history(before["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    # The trial that was running when the driver died kept its MLflow run and finished in it.
+    for name, outcome in interrupted["trials"].items():
+        assert after[name]["mlflow_run_id"] == outcome["mlflow_run_id"], name
 
 
 def test_summary_statuses_and_best(sweep_run):
