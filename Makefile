@@ -29,7 +29,7 @@ quickstart: install
 	$(VENV)/bin/sana-ray apply manifests/quickstart.yaml
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 test-fast: install
 	$(PY) -m pytest -m "not e2e"
