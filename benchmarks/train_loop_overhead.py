@@ -42,12 +42,12 @@ def manifest_for(root: Path, data: Path, steps: int) -> Path:
 def bare_loop(model_source: str, cache_set, steps: int, batch_size: int) -> list[float]:
     import torch
 
-    from sana_ray.data.cache import load_cache
+    from sana_ray.data.cache import open_reader
     from sana_ray.model.flow import flow_matching_loss, sample_u, shift_sigmas
     from sana_ray.model.loading import load_transformer
 
     torch.set_num_threads(2)
-    data = load_cache(cache_set)
+    data = open_reader(cache_set)
     plan = cache_set.batch_plan(batch_size, 1, 42)
     model = load_transformer(model_source).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from sana_ray.files import read_json, write_json_atomic, write_text_atomic
 from sana_ray.launch import tracking
 from sana_ray.launch.console import console, say
 from sana_ray.manifest import Manifest, dump_manifest, flatten_manifest
@@ -79,27 +79,6 @@ def training_fingerprint(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -137,6 +116,7 @@ def prepare_model_and_caches(manifest: Manifest, paths: RunPaths):
         cache_root=paths.cache,
         num_actors=spec.hardware.cache_workers,
         use_gpu=spec.hardware.use_gpu,
+        bf16_training=spec.bf16_training(),
         progress=say,
     )
     print_data_report(reports, cache_set, spec, out_dir=paths.root)  # also writes data_report.json/.txt there

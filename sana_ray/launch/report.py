@@ -11,12 +11,11 @@ batch, raising ``SamplerError`` with the numbers and the fix when it cannot.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from rich.table import Table
 
+from sana_ray.files import write_json_atomic, write_text_atomic
 from sana_ray.launch.console import console
 
 REPORT_JSON = "data_report.json"
@@ -81,10 +80,8 @@ def write_data_report(reports, out_dir: Path, plan: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {"datasets": [r.to_json() for r in reports], "plan": plan}
-    for name, text in ((REPORT_JSON, json.dumps(data, indent=1, ensure_ascii=False) + "\n"), (REPORT_TEXT, report_text(reports))):
-        tmp = out_dir / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+    write_json_atomic(out_dir / REPORT_JSON, data, indent=1)
+    write_text_atomic(out_dir / REPORT_TEXT, report_text(reports))
     return out_dir / REPORT_JSON
 
 
@@ -131,7 +128,7 @@ def print_data_report(reports, cache_set, spec, out_dir: Path | None = None) -> 
     _print_table(data_table(reports))
     _print_skipped(reports)
     shapes: dict[int, int] = {}
-    for bucket in cache_set.buckets:
+    for bucket in cache_set.buckets.tolist():
         shapes[bucket] = shapes.get(bucket, 0) + 1
     line = "latent buckets: " + ", ".join(f"{'x'.join(map(str, cache_set.bucket_shapes[b]))}: {n}" for b, n in sorted(shapes.items()))
     if getattr(cache_set, "eval_sets", None):

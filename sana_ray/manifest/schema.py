@@ -60,6 +60,14 @@ class ModelSpec(Strict):
         default=True,
         description="Prepend SanaPipeline's complex human instruction to every caption, as Sana was trained.",
     )
+    text_embeds_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="dtype the cached text embeddings are stored in (the encoder always runs in float32). auto: "
+        "bfloat16 when training computes in bf16 (mixed_precision bf16, or auto on GPUs), else float32. Under bf16 "
+        "autocast the transformer's first use of the embeddings is the caption_projection linear layer, which casts "
+        "them to bf16 anyway, so bfloat16 loses nothing there and halves the text cache (at Sana's 300 x 2304, "
+        "2.76 MB a caption in float32); float32 training needs float32.",
+    )
 
 
 CaptionStrategy = Literal["textfile", "filename", "instanceprompt", "metadata"]
@@ -479,6 +487,11 @@ class HardwareSpec(Strict):
         description="Ray cluster to join (e.g. 'auto' or ray://host:10001). null: start a local Ray on 127.0.0.1.",
     )
     cache_workers: Annotated[int, Field(ge=1)] = Field(default=1, description="Encoder actors that build the caches.")
+    prefetch_batches: Annotated[int, Field(ge=0, le=64)] = Field(
+        default=2,
+        description="Micro-batches each training worker reads ahead from the cache (and VAE-encodes ahead, for "
+        "cache_latents: false datasets) in a background thread while the current step runs. 0: read in the loop.",
+    )
     max_failures: Annotated[int, Field(ge=0)] = Field(
         default=0,
         description="Restart the workers from the latest checkpoint this many times when one dies "
@@ -626,6 +639,22 @@ class Spec(Strict):
                 f"add a held-out dataset with dataset_type: eval to spec.datasets, or set evaluation.enabled: false"
             )
         return self
+
+    @model_validator(mode="after")
+    def _text_dtype_fits_training(self) -> "Spec":
+        if self.model.text_embeds_dtype == "bfloat16" and not self.bf16_training():
+            raise ValueError(
+                "model.text_embeds_dtype is bfloat16 but training does not compute in bf16 (training.mixed_precision "
+                f"{self.training.mixed_precision}{', no GPU' if not self.hardware.use_gpu else ''}): the embeddings would lose "
+                "precision the model can use. Set model.text_embeds_dtype: auto (or float32), or training.mixed_precision: bf16"
+            )
+        return self
+
+    def bf16_training(self) -> bool:
+        """Whether the transformer computes in bf16: mixed_precision bf16, or auto on GPUs (every GPU profile
+        here supports bf16; train.strategy.compute_dtype decides on the device itself)."""
+        precision = self.training.mixed_precision
+        return precision == "bf16" or (precision == "auto" and self.hardware.use_gpu)
 
     def _eval_dataset_names(self) -> list[str]:
         return [d.name for d in self.datasets if d.dataset_type == "eval" and not d.disabled]

@@ -20,9 +20,10 @@ function of ``(seed, epoch)`` (see ``data.sampler``). Restoring the step restore
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sana_ray.files import write_json_atomic
 
 STATE = "state.json"
 
@@ -48,9 +49,7 @@ def save(folder: Path, *, strategy, ema, state: TrainState, rank: int) -> None:
     if ema is not None:
         ema.save(folder, rank)
     if rank == 0:
-        tmp = folder / (STATE + ".tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=2))
-        os.replace(tmp, folder / STATE)
+        write_json_atomic(folder / STATE, asdict(state))
 
 
 def read_state(folder: Path) -> TrainState:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sana_ray.data.cache import CachedData, CacheSet
+    from sana_ray.data.cache import CacheReader, CacheSet
     from sana_ray.manifest.schema import Spec
 
 EVAL_METRIC = "eval_loss"
@@ -178,13 +178,13 @@ def _all_reduce_sum(vector: torch.Tensor, device: torch.device) -> torch.Tensor:
 class Evaluator:
     """Computes the stable eval loss of the model a strategy holds; see the module docstring.
 
-    ``sets``: ``(name, CachedData)`` per eval dataset (every rank holds all of them: eval sets are
-    small). Build one per worker and call :meth:`evaluate` on every rank at the same steps.
+    ``sets``: ``(name, data)`` per eval dataset, where ``data`` has ``batch(indices, key=None)``,
+    ``buckets`` and ``len`` (a ``data.cache.CacheReader``; every rank reads all of them). Build one per worker and call :meth:`evaluate` on every rank at the same steps.
     """
 
     def __init__(
         self,
-        sets: list[tuple[str, "CachedData"]],
+        sets: list[tuple[str, "CacheReader"]],
         *,
         num_timesteps: int,
         seed: int,
@@ -202,9 +202,10 @@ class Evaluator:
         self.device = torch.device(device)
         self.items = plan_items([list(d.buckets) for d in self.data], batch_size, num_timesteps)
         self.mine = rank_items(len(self.items), rank, world_size)
+        self._last_batch: tuple = (None, None)
 
     @classmethod
-    def from_spec(cls, spec: "Spec", sets: list[tuple[str, "CachedData"]], *, rank: int, world_size: int,
+    def from_spec(cls, spec: "Spec", sets: list[tuple[str, "CacheReader"]], *, rank: int, world_size: int,
                   device: torch.device) -> "Evaluator":
         """The run's evaluator: only ``spec.evaluation`` (and the eval batch size's default,
         ``training.batch_size``) matter; the shift, sampling scheme, seed and lr do not."""
@@ -229,7 +230,9 @@ class Evaluator:
         from sana_ray.model.flow import flow_matching_loss
 
         name, data = self.names[item.dataset], self.data[item.dataset]
-        batch = data.batch(list(item.samples), key=None)  # first caption, no caption dropout
+        if self._last_batch[0] != (item.dataset, item.samples):  # an item's batch is read once for all its sigmas
+            self._last_batch = ((item.dataset, item.samples), data.batch(list(item.samples), key=None))  # first caption, no dropout
+        batch = self._last_batch[1]
         latents = batch["latents"]
         noise = torch.stack([
             torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(noise_seed(self.seed, name, i, item.timestep)))
@@ -239,7 +242,7 @@ class Evaluator:
         loss = flow_matching_loss(
             model,
             latents.to(self.device),
-            batch["prompt_embeds"].to(self.device),
+            batch["prompt_embeds"].to(self.device).float(),  # the store's dtype (bf16 for bf16 training) -> as training feeds it
             batch["prompt_attention_mask"].to(self.device),
             sigmas=sigmas.to(self.device),
             noise=noise.to(self.device),
@@ -304,32 +307,6 @@ class Evaluator:
 # Building one inside a train worker
 
 
-def load_eval_sets(eval_sets: dict[str, "CacheSet"]) -> list[tuple[str, "CachedData"]]:
-    """Each eval CacheSet's tensors, keeping only the text rows its samples use.
-
-    ``load_cache`` reads the whole (shared) text cache; an eval set only needs its samples' first
-    captions, so the rest is dropped right away instead of being held twice for the whole run.
-    """
-    from sana_ray.data.cache import CachedData, load_cache
-
-    loaded = []
-    for name, cache_set in eval_sets.items():
-        data = load_cache(cache_set)
-        rows, text_rows = torch.unique(data.text_rows, return_inverse=True)
-        loaded.append((name, CachedData(
-            latents=data.latents,
-            latent_rows=data.latent_rows,
-            buckets=data.buckets,
-            prompt_embeds=data.prompt_embeds[rows].clone(),
-            prompt_attention_mask=data.prompt_attention_mask[rows].clone(),
-            text_rows=text_rows.long(),
-            datasets=data.datasets,
-            captions=data.captions,
-        )))
-        del data
-    return loaded
-
-
 def build_evaluator(spec: "Spec", eval_sets: dict[str, "CacheSet"], *, rank: int, world_size: int,
                     device: torch.device) -> Evaluator | None:
     """The evaluator for a run, or None when it does not evaluate (no eval datasets, or
@@ -338,4 +315,9 @@ def build_evaluator(spec: "Spec", eval_sets: dict[str, "CacheSet"], *, rank: int
     sets = {name: cache_set for name, cache_set in eval_sets.items() if name in wanted}
     if not sets:
         return None
-    return Evaluator.from_spec(spec, load_eval_sets(sets), rank=rank, world_size=world_size, device=device)
+    # Streamed like the training data (data.cache.reader): rows are read per forward pass, so an
+    # eval set costs its index, not a copy of its tensors (nor of the shared text cache).
+    from sana_ray.data.cache import open_reader
+
+    readers = [(name, open_reader(cache_set)) for name, cache_set in sets.items()]
+    return Evaluator.from_spec(spec, readers, rank=rank, world_size=world_size, device=device)

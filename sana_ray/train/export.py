@@ -8,22 +8,12 @@ previous export (or none), never half of one.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``; a previous ``final`` is kept until the new one is in place."""
-    previous = None
-    if final.exists():
-        previous = final.with_name(f".{final.name}.previous-{time.time_ns()}")
-        final.rename(previous)
-    tmp.rename(final)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+from sana_ray.files import replace_dir
 
 
 def export_pipeline(

@@ -64,7 +64,7 @@ def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from sana_ray.data.online import load_data
+    from sana_ray.data.cache import Prefetcher, open_reader
     from sana_ray.launch.tracking import RunLogger
     from sana_ray.model.flow import flow_matching_loss, sample_u, shift_sigmas
     from sana_ray.model.loading import load_transformer
@@ -79,11 +79,12 @@ def train_func(config: dict) -> None:
         torch.set_num_threads(max(1, int(spec.hardware.cpus_per_worker)))
     accumulation = training.gradient_accumulation_steps
 
-    # --- data: every worker holds the (small) cached latents and embeddings; the plan decides
-    # which samples each rank trains on at each micro-batch. Samples of cache_latents: false
-    # datasets are loaded and VAE-encoded per batch (data.online), with the run's VAE, loaded
-    # here once (on first use) and only when the run has such samples.
-    data = load_data(cfg.cache, encoder=lambda: _online_encoder(cfg.model_source, spec, device))
+    # --- data: the worker holds only the sample index; each micro-batch's rows are read from the
+    # cache's shard files on demand (data.cache.reader), which checks here, before anything else
+    # loads, that this node sees every shard. Samples of cache_latents: false datasets are loaded
+    # and VAE-encoded per batch, with the run's VAE, loaded once (on first use) and only when the
+    # run has such samples. The plan decides which samples each rank trains on at each micro-batch.
+    data = open_reader(cfg.cache, encoder=lambda: _online_encoder(cfg.model_source, spec, device))
     plan = cfg.cache.batch_plan(training.batch_size, world_size, training.seed)
 
     # --- model, optimizer, schedule, strategy (DDP or DeepSpeed ZeRO), EMA; then restore.
@@ -111,18 +112,27 @@ def train_func(config: dict) -> None:
     logger = RunLogger(cfg.mlflow_tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
     run_dir = Path(cfg.run_dir)
     samples_per_step = training.batch_size * world_size * accumulation
+    # Reads the micro-batches from here to the end in a background thread, in the loop's order.
+    # Its key per batch, (seed, rank, micro-batch), decides which caption line and whether caption dropout fires.
+    batches = Prefetcher(data, plan, rank=rank, seed=training.seed, start=state.micro_batches,
+                         stop=training.steps * accumulation, depth=spec.hardware.prefetch_batches,
+                         pin_memory=device.type == "cuda")
+    unreadable = 0
 
     while state.step < training.steps:
         started = time.perf_counter()
+        waited = batches.wait_s
         first_micro_batch = state.micro_batches
         loss_sum = torch.zeros((), device=device)
         for k in range(accumulation):
             micro_batch = first_micro_batch + k
-            # key: which caption line and whether caption dropout fires are decided per (seed, rank, micro-batch)
-            batch = data.batch(plan.batch(micro_batch, rank), key=(training.seed, rank, micro_batch))
-            latents = batch["latents"].to(device)  # [B, C, h, w], already scaled by the VAE's scaling_factor (cached or encoded online)
-            prompt_embeds = batch["prompt_embeds"].to(device)  # [B, L, C_text]
-            prompt_mask = batch["prompt_attention_mask"].to(device)  # [B, L]
+            batch = batches.get(micro_batch)
+            copy = {"device": device, "non_blocking": device.type == "cuda"}
+            latents = batch["latents"].to(**copy)  # [B, C, h, w] float32, already times the VAE's scaling_factor
+            # [B, L, C_text] in the cache's dtype (bf16 for bf16 training): float32 here, which the
+            # bf16 autocast's caption_projection casts back exactly (model.text_embeds_dtype).
+            prompt_embeds = batch["prompt_embeds"].to(**copy).float()
+            prompt_mask = batch["prompt_attention_mask"].to(**copy)  # [B, L] int64
             generator = torch.Generator(device="cpu").manual_seed(micro_batch_seed(training.seed, rank, micro_batch))
             sampling = training.timestep_sampling
             u = sample_u(
@@ -166,8 +176,12 @@ def train_func(config: dict) -> None:
                 "grad_norm": result.grad_norm,
                 "step_time_s": step_time,
                 "samples_per_s": samples_per_step / step_time,
+                "data_wait_s": batches.wait_s - waited,  # this step's wait for the prefetcher (rank 0)
                 "nonfinite_steps": guard.total,
             }
+            if len(data.unreadable) != unreadable:  # online images that could not be loaded (skipped)
+                unreadable = len(data.unreadable)
+                metrics["unreadable_images"] = unreadable
             logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=state.step)
             print(
                 f"[sana-ray] step {state.step}/{training.steps}  loss {state.loss:.4f}  lr {lr:.2e}  "
@@ -205,6 +219,8 @@ def train_func(config: dict) -> None:
                 _validate(_plain_transformer(strategy, weights), spec, cfg, device,
                           run_dir / "validation" / f"step-{state.step:06d}", logger, state.step)
 
+    batches.close()
+    data.close()
     weights = _export_weights(strategy, ema, use_ema=ema is not None and training.ema.use_for_export)
     if rank == 0:
         _finish(_plain_transformer(strategy, weights), spec, cfg, device, run_dir, logger, state.step)
@@ -213,7 +229,7 @@ def train_func(config: dict) -> None:
 def _online_encoder(model_source: str, spec, device: torch.device):
     """The VAE for online latents (cache_latents: false), as the cache's encoder actors load it:
     float32, eval mode, no grad, latents times the VAE's scaling_factor (model.latents.LatentEncoder)."""
-    from sana_ray.data.cache import ENCODE_DTYPE
+    from sana_ray.data.cache.build import ENCODE_DTYPE
     from sana_ray.model.latents import LatentEncoder
 
     return LatentEncoder.from_pretrained(model_source, device=device, dtype=getattr(torch, ENCODE_DTYPE),

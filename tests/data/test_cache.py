@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sana_ray.data import cache as cache_module
-from sana_ray.data.cache import build_caches, load_cache
+from sana_ray.data.cache import build as cache_module
+from sana_ray.data.cache import build_caches, open_reader
 from sana_ray.data.images import load_pixels
 from sana_ray.data.synthetic import make_shapes
 from sana_ray.manifest.schema import DatasetSpec, ModelSpec
@@ -69,28 +69,29 @@ def test_first_build(world):
     assert (reports[0].found, reports[0].used) == (6, 6)
     assert (reports[1].found, reports[1].used) == (6, 5)
     assert [Path(p).name for p in reports[1].skipped["unreadable"]] == ["broken.jpg"]
-    assert cs.repeats == [2] * 6 + [0] * 5
+    assert cs.repeats.tolist() == [2] * 6 + [0] * 5
     # 64 px through the tiny VAE (4x): [4, 16, 16]; the 128x64 image is its own bucket.
     assert cs.bucket_shapes == [(4, 16, 16), (4, 16, 32)]
-    assert cs.buckets == [0] * 10 + [1]
-    assert cs.text_shape == (300, 32)
+    assert cs.buckets.tolist() == [0] * 10 + [1]
+    assert cs.text.shape == (300, 32) and cs.text.dtype == "F32"  # float32 store: training on the CPU is fp32
 
     # Progress went through the callback; text and latents were encoded by the actor pool.
     assert "a: 6 images used of 6 found" in lines
     assert "latents a: 6/6 images" in lines and "latents b: 5/5 images" in lines
-    unique = sorted(set(cs.captions))  # the truncated JPEG was caught at discovery: its caption is not encoded
+    captions = [Path(p).with_suffix(".txt").read_text().strip() for p in cs.image_paths]
+    unique = sorted(set(captions))  # the truncated JPEG was caught at discovery: its caption is not encoded
     assert f"text embeddings: {len(unique)}/{len(unique)} captions" in lines
+    assert cs.text.count == len(unique)  # one row per unique caption
+    assert cs.first_text_rows[0] == cs.first_text_rows[1]  # a's shape_000 and shape_001 share a caption
 
-    data = load_cache(cs)
-    assert [tuple(t.shape) for t in data.latents] == [(10, 4, 16, 16), (1, 4, 16, 32)]
-    assert data.prompt_embeds.shape == (len(unique), 300, 32)  # one row per unique caption
-    assert data.text_rows[0] == data.text_rows[1]  # a's shape_000 and shape_001 share a caption
+    data = open_reader(cs)
+    assert data.batch(list(range(10)))["latents"].shape == (10, 4, 16, 16) and data.batch([10])["latents"].shape == (1, 4, 16, 32)
 
     from sana_ray.model.latents import LatentEncoder
     from sana_ray.model.text import PromptEncoder
 
     text = PromptEncoder.from_pretrained(world["source"], device="cpu", dtype=torch.float32, max_sequence_length=300)
-    embeds, mask = text.encode(cs.captions[5:7])
+    embeds, mask = text.encode(captions[5:7])
     batch = data.batch([5, 6])
     assert torch.equal(batch["prompt_embeds"], embeds) and torch.equal(batch["prompt_attention_mask"], mask)
     assert batch["prompt_attention_mask"].dtype == torch.int64
@@ -156,10 +157,10 @@ def test_new_resolution_and_half_finished_build(world):
     assert {k: after[k] for k in b_before} == b_before
     assert "shard_00001.safetensors" in after and "index.json" in after
 
-    data = load_cache(new)
+    data = open_reader(new)
     assert new.bucket_shapes == [(4, 8, 8), (4, 16, 16), (4, 16, 32)]
-    assert [tuple(t.shape) for t in data.latents] == [(6, 4, 8, 8), (4, 4, 16, 16), (1, 4, 16, 32)]
-    old_data = load_cache(old)  # the rebuilt shard holds the same latents as before
+    assert new.buckets.tolist() == [0] * 6 + [1] * 4 + [2]
+    old_data = open_reader(old)  # the rebuilt shard holds the same latents as before
     assert torch.allclose(data.batch(list(range(6, 10)))["latents"], old_data.batch(list(range(6, 10)))["latents"], atol=1e-6)
     assert not any(p.name.endswith(".tmp") for p in cache_root.rglob("*"))
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sana_ray.data import cache as cache_module
-from sana_ray.data.cache import CachedData, build_caches, load_cache
+from sana_ray.data.cache import build as cache_module
+from sana_ray.data.cache import build_caches, open_reader, store
 from sana_ray.data.synthetic import make_shapes
 from sana_ray.manifest.schema import DatasetSpec, ModelSpec
 
@@ -53,7 +53,7 @@ def world(tmp_path_factory, ray_local):
     make_shapes(world["images"], count=IMAGES, size=64, seed=3)
     world["cache_root"] = root / "cache"
     world["cache"], world["lines"] = _build(world, world["cache_root"])
-    world["data"] = load_cache(world["cache"])
+    world["data"] = _tensors(world["cache"])
     return world
 
 
@@ -64,14 +64,16 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def _assert_same_data(got: CachedData, want: CachedData) -> None:
-    assert len(got.latents) == len(want.latents)
-    for a, b in zip(got.latents, want.latents):
-        assert torch.equal(a, b)
-    assert torch.equal(got.latent_rows, want.latent_rows)
-    assert torch.equal(got.prompt_embeds, want.prompt_embeds)
-    assert torch.equal(got.prompt_attention_mask, want.prompt_attention_mask)
-    assert torch.equal(got.text_rows, want.text_rows)
+def _tensors(cache_set) -> list[dict[str, torch.Tensor]]:
+    """Every sample's latents and text rows, as a training worker reads them."""
+    reader = open_reader(cache_set)
+    return [reader.batch([i]) for i in range(len(cache_set))]
+
+
+def _assert_same_data(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _data_offset(path: Path) -> int:
@@ -92,7 +94,7 @@ def test_reference_build_records_a_checksum_per_shard(world):
         for shard in shards:
             record = json.loads((folder / (shard.name + ".sha256")).read_text())
             assert record["size"] == shard.stat().st_size
-            assert record["sha256"] == cache_module._file_sha256(shard)
+            assert record["sha256"] == store.file_sha256(shard)
     assert not any(p.name.endswith(".tmp") for p in world["cache_root"].rglob("*"))
 
 
@@ -108,7 +110,7 @@ def test_flipped_bytes_in_tensor_data_rebuild_exactly_that_shard(world):
         handle.seek(offset)
         handle.write(bytes(b ^ 0xFF for b in original))
     # The header still parses and names the right items: without a checksum this went unnoticed.
-    assert cache_module._read_header(shard, shard_items)[0] is not None
+    assert store.read_header(shard).items() == shard_items
     before = _files(world["cache_root"])
 
     cs, lines = _build(world, world["cache_root"])
@@ -124,7 +126,7 @@ def test_flipped_bytes_in_tensor_data_rebuild_exactly_that_shard(world):
                        f"latents/{key}/index.json"}, changed
     assert set(after) == set(before)
     assert cs == world["cache"]
-    _assert_same_data(load_cache(cs), world["data"])
+    _assert_same_data(_tensors(cs), world["data"])
 
 
 def test_truncated_shards_are_rebuilt_and_older_shards_adopted(world):
@@ -163,8 +165,8 @@ def test_truncated_shards_are_rebuilt_and_older_shards_adopted(world):
         assert json.loads((folder / "index.json").read_text())["shard_size"] == SHARD_SIZE
         assert len(list(folder.glob("shard_*.safetensors"))) == IMAGES // SHARD_SIZE
     record = json.loads((latent_dir / "shard_00000.safetensors.sha256").read_text())
-    assert record["sha256"] == cache_module._file_sha256(latent_dir / "shard_00000.safetensors")
-    _assert_same_data(load_cache(cs), world["data"])
+    assert record["sha256"] == store.file_sha256(latent_dir / "shard_00000.safetensors")
+    _assert_same_data(_tensors(cs), world["data"])
 
 
 RUNNER = """
@@ -242,4 +244,4 @@ def test_killed_build_resumes_without_redoing_finished_shards(world):
     assert sorted(p.name for p in latent_dir.glob("shard_*.safetensors")) == [f"shard_{i:05d}.safetensors" for i in range(4)]
     assert (text_dir / "index.json").is_file() and (latent_dir / "index.json").is_file()
     assert not [p for p in cache_root.rglob("*") if p.name.endswith(".tmp")]
-    _assert_same_data(load_cache(cs), world["data"])
+    _assert_same_data(_tensors(cs), world["data"])

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sana_ray.data.cache import _plan_latents, build_caches, load_cache
+from sana_ray.data.cache import build_caches, open_reader
+from sana_ray.data.cache.build import _plan_latents
 from sana_ray.data.samples import discover_samples
 from sana_ray.data.synthetic import make_shapes
 from sana_ray.manifest.schema import DatasetSpec, ModelSpec
@@ -67,7 +68,7 @@ def test_reports_and_sets(built):
     held = cs.eval_sets["held"]
     assert held.datasets == ["held"] * 2 and not set(held.image_paths) & set(cs.image_paths)
     assert held.text_dir == cs.text_dir
-    assert cs.weights == [1.0] * 6 + [0.5] * 4 and cs.groups == [0] * 6 + [1] * 4
+    assert cs.weights.tolist() == [1.0] * 6 + [0.5] * 4 and cs.groups.tolist() == [0] * 6 + [1] * 4
     plan = cs.batch_plan(batch_size=1, world_size=1, seed=0)
     assert plan.samples_per_epoch == 6 + round(0.5 * 4 * 2)
 
@@ -81,14 +82,14 @@ def test_store_folders_and_shard_sizes(built):
     assert index["shard_size"] == 2  # write_batch_size
     assert len(list(text_dir.glob("shard_*.safetensors"))) == math.ceil(index["items_count"] / 2)
     assert Path(cs.latent_dirs[1]).parent == root / "cache" / "vae" / "area"  # the dataset's own cache_dir
-    assert cs.entries[-1][0].startswith(str(root / "cache" / "vae" / "area"))  # absolute: outside <cache>/latents
+    assert cs.files[cs.latent_file[-1]].startswith(str(root / "cache" / "vae" / "area"))  # outside <cache>/latents
     mixed_dir = Path(cs.latent_dirs[0])
     assert len(list(mixed_dir.glob("shard_*.safetensors"))) == math.ceil(7 / 3)  # vae_batch_size 3 (7 images encoded)
 
 
 def test_latent_shapes_follow_the_planned_geometry(built):
     cs = built["cache"]
-    data = load_cache(cs)
+    data = open_reader(cs)
     by_path = {}
     for spec in built["specs"][:2]:
         samples, _ = discover_samples(spec)
@@ -101,7 +102,7 @@ def test_latent_shapes_follow_the_planned_geometry(built):
     assert cs.bucket_shapes[cs.buckets[names["wide.png"]]] == (4, 8, 24)  # pixel_area 64, aspect 2 -> 96x32
     assert len(cs.bucket_shapes) >= 2
     # The eval set loads on its own.
-    held = load_cache(cs.eval_sets["held"])
+    held = open_reader(cs.eval_sets["held"])
     assert held.batch([0, 1])["latents"].shape == (2, 4, 8, 8)
     assert data.batch([names["cmyk.jpg"]])["latents"].abs().sum() > 0
 
@@ -113,26 +114,27 @@ def test_caption_choices_and_dropout(built):
     from sana_ray.model.text import DEFAULT_INSTRUCTION
 
     cs = built["cache"]
-    data = load_cache(cs)
-    assert cs.null_text_row is not None and data.null_text_row == cs.null_text_row
+    data = open_reader(cs)
+    assert cs.null_text_row is not None
+    null_embeds, null_mask = data.read_text([cs.null_text_row])
     # The empty-prompt row is exactly what SanaPipeline uses for negative_prompt="" (no instruction prefix).
     tokenizer, encoder = load_text_encoder(built["source"], torch_dtype=torch.float32)
     pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
     _, _, negative, negative_mask = pipe.encode_prompt(
         "a cat", do_classifier_free_guidance=True, negative_prompt="", device="cpu", clean_caption=False,
         max_sequence_length=300, complex_human_instruction=DEFAULT_INSTRUCTION)
-    assert torch.allclose(data.prompt_embeds[cs.null_text_row], negative[0], atol=1e-6)
-    assert torch.equal(data.prompt_attention_mask[cs.null_text_row], negative_mask[0].to(torch.int64))
+    assert torch.allclose(null_embeds[0], negative[0], atol=1e-6)
+    assert torch.equal(null_mask[0], negative_mask[0].to(torch.int64))
 
     ok = cs.image_paths.index(str(built["root"] / "mixed" / "ok_rgb.png"))
-    choices = cs.caption_rows[ok]
+    choices = cs.choices(ok)
     assert len(choices) == 2
     # No key: the first caption, no dropout (what the first version did).
-    assert data.batch([ok])["prompt_embeds"].equal(data.prompt_embeds[choices[0]][None])
+    assert data.batch([ok])["prompt_embeds"].equal(data.read_text([choices[0]])[0])
     drawn = Counter(int(data.text_rows_for([ok], key=(7, 0, step))[0]) for step in range(400))
     assert set(drawn) == {*choices, cs.null_text_row}
     assert 150 < drawn[cs.null_text_row] < 250  # caption_dropout_probability 0.5
-    assert data.text_rows_for([ok, ok], key=(7, 0, 3)).tolist() == data.text_rows_for([ok, ok], key=(7, 0, 3)).tolist()
+    assert data.text_rows_for([ok, ok], key=(7, 0, 3)) == data.text_rows_for([ok, ok], key=(7, 0, 3))
     # The area set has no dropout: never the empty prompt.
     area = [i for i, d in enumerate(cs.datasets) if d == "area"]
     rows = {int(r) for step in range(50) for r in data.text_rows_for(area[:2], key=(1, 1, step))}
@@ -157,3 +159,25 @@ def test_changed_option_changes_the_latent_key(tmp_path):
     assert len(set(keys)) == 6
     assert key(crop=False) == key(crop_aspect="preserve")  # the same pixels: the same cache
     assert key(minimum_image_size=8.0) == keys[0]
+
+
+def test_streamed_rows_are_the_shards_tensors(built):
+    """What a worker reads for each sample of a real build (several buckets and folders, caption
+    choices) is the tensor safetensors loads from that sample's shard: every byte range is right."""
+    from safetensors.torch import load_file
+
+    cs = built["cache"]
+    reader = open_reader(cs)
+    index = {}
+    for folder in cs.latent_dirs:
+        for item in json.loads((Path(folder) / "index.json").read_text())["items"]:
+            index[item["path"]] = (Path(folder) / item["shard"], item["row"])
+    text = [load_file(path) for path in cs.text.files]
+    rows = cs.text.rows_per_shard
+    for i, path in enumerate(cs.image_paths):
+        shard, row = index[path]
+        first = cs.choices(i)[0]
+        batch = reader.batch([i])
+        assert torch.equal(batch["latents"][0], load_file(str(shard))[f"latents.{row}"])
+        assert torch.equal(batch["prompt_embeds"][0], text[first // rows]["prompt_embeds"][first % rows])
+        assert torch.equal(batch["prompt_attention_mask"][0], text[first // rows]["prompt_attention_mask"][first % rows])

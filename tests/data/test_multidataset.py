@@ -108,9 +108,18 @@ def test_apply_report_raises_the_same_error_after_the_table(tmp_path: Path, caps
     from sana_ray.launch.report import print_data_report
 
     manifest = load_manifest(MANIFEST, ["training.batch_size=2", "hardware.num_workers=2"])
-    cache = CacheSet(latents_dir="", text_dir="", entries=[("k/shard_00000.safetensors", i, 0) for i in range(3)],
-                     datasets=["d"] * 3, captions=["c"] * 3, image_paths=[f"/{i}.png" for i in range(3)], repeats=[0] * 3,
-                     buckets=[0] * 3, bucket_shapes=[(32, 16, 16)], text_shape=(300, 2304))
+    import numpy as np
+
+    from sana_ray.data.cache import TextShards
+
+    text = TextShards(folder="", files=[], sizes=[], rows_per_shard=8, count=1, embeds_offset=[], mask_offset=[],
+                      dtype="F32", shape=(300, 2304))
+    ones, zeros = np.ones(3), np.zeros(3, dtype=np.int32)
+    cache = CacheSet(latents_dir="", text=text, files=["k/shard_00000.safetensors"], file_sizes=[0], latent_file=zeros,
+                     latent_offset=np.arange(3), latent_dtype="F32", buckets=zeros, bucket_shapes=[(32, 16, 16)],
+                     caption_offsets=np.arange(4), caption_rows=zeros, dropout=ones * 0, repeats=zeros, weights=ones,
+                     groups=zeros, regularisation=zeros.astype(bool), image_paths=[f"/{i}.png" for i in range(3)],
+                     dataset_names=["d"], latent_dirs=["k"])
     report = DatasetReport(dataset="d", found=4, used=3, skipped={"unreadable": ["/3.png"]}, details={"/3.png": "OSError: truncated"})
     with pytest.raises(SamplerError, match=r"global batch of 4 .* latent 32x16x16: 3"):
         print_data_report([report], cache, manifest.spec, out_dir=tmp_path)

@@ -1,22 +1,28 @@
 """The stable evaluation loss (train.evaluation) on the tiny random transformer, without Ray.
 
-Eval data are built in memory (``CachedData`` with random latents and embeddings), so no cache
-build is needed. The sharding is checked two ways: by summing the per-rank item vectors of 1, 2
+Eval data are random latents and embeddings written as real cache shards (``data.cache.synthetic``:
+the build's own writer, no encoders) and read back by the training workers' ``CacheReader``, so no
+cache build is needed. The sharding is checked two ways: by summing the per-rank item vectors of 1, 2
 and 3 simulated ranks in one process, and with two real gloo processes running DeepSpeed ZeRO-3
 (whose every forward is a collective: the case where ranks must stay in lock-step).
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from sana_ray.data.cache import CachedData
+from sana_ray.data.cache import CacheReader, open_reader
+from sana_ray.data.cache.synthetic import cache_set, write_latent_cache, write_text_cache
 from sana_ray.manifest import ManifestError, load_manifest
 from sana_ray.manifest.schema import Spec
 from sana_ray.train.evaluation import (
@@ -49,27 +55,21 @@ def _transformer(seed: int = 0):
         return SanaTransformer2DModel(**TRANSFORMER_CONFIG).train()
 
 
-def eval_data(count: int, seed: int, shapes=((4, 8, 8),), text_len: int = 12) -> CachedData:
+_ROOT = Path(tempfile.mkdtemp(prefix="sana-ray-test-eval-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+
+def eval_data(count: int, seed: int, shapes=((4, 8, 8),), text_len: int = 12) -> CacheReader:
     """``count`` samples, sample ``i`` in bucket ``i % len(shapes)``, each with its own caption row."""
     generator = torch.Generator().manual_seed(seed)
-    buckets = [i % len(shapes) for i in range(count)]
-    latents = [torch.randn(buckets.count(b), *shape, generator=generator) for b, shape in enumerate(shapes)]
-    rows, seen = [], [0] * len(shapes)
-    for b in buckets:
-        rows.append(seen[b])
-        seen[b] += 1
+    latents = [torch.randn(*shapes[i % len(shapes)], generator=generator) for i in range(count)]
     mask = torch.ones(count, text_len, dtype=torch.int64)
     mask[:, text_len // 2 :] = torch.randint(0, 2, (count, text_len - text_len // 2), generator=generator)
-    return CachedData(
-        latents=latents,
-        latent_rows=torch.tensor(rows),
-        buckets=buckets,
-        prompt_embeds=torch.randn(count, text_len, 32, generator=generator),
-        prompt_attention_mask=mask,
-        text_rows=torch.arange(count),
-        datasets=["held"] * count,
-        captions=[f"caption {i}" for i in range(count)],
-    )
+    embeds = torch.randn(count, text_len, 32, generator=generator)
+    folder = Path(tempfile.mkdtemp(dir=_ROOT))
+    text = write_text_cache(folder / "text" / "t", [f"caption {i}" for i in range(count)], zip(embeds, mask), shard_size=2)
+    images = write_latent_cache(folder / "latents" / "l", [f"/held/{i}.png" for i in range(count)], latents, shard_size=3)
+    return open_reader(cache_set(text, images, [(i,) for i in range(count)], dataset="held"))
 
 
 SETS = [("holdout", eval_data(5, seed=1, shapes=((4, 8, 8), (4, 8, 12)))), ("faces", eval_data(3, seed=2))]

@@ -1,47 +1,57 @@
-"""Latent and text-embedding caches, built with Ray Data and keyed by everything that produced them.
+"""Building the latent and text-embedding caches with Ray Data, keyed by everything that produced them.
 
 Layout under ``cache_root``::
 
     latents/<key>/shard_00000.safetensors   one folder per (dataset images, resolution, crop, model)
                   ...                        tensors "latents.<row>" [C, h, w] float32
                   index.json                 written last (atomically): the folder is complete
-    text/<key>/shard_00000.safetensors      one folder per (unique captions, model, instruction, L)
-               ...                           "prompt_embeds" [n, L, C] float32, "prompt_attention_mask" [n, L] int64
+    text/<key>/shard_00000.safetensors      one folder per (unique captions, model, instruction, L, dtype)
+               ...                           "prompt_embeds" [n, L, C] float32 or bfloat16,
+                                             "prompt_attention_mask" [n, L] int64
                index.json
 
 A latent key hashes the model fingerprint, the pixel pipeline version and every image's (path,
 size, mtime, geometry) -- the geometry (downsample, resize, crop box) is planned at discovery from
 all of the dataset's pixel options, so resolution, resolution_type, crop, crop_style, crop_aspect
 and the size limits are all in the key; a text key hashes the model fingerprint, the instruction
-prefix, ``max_sequence_length`` and the sorted unique captions (plus ``""``, the empty prompt,
-encoded as SanaPipeline encodes ``negative_prompt=""``, when a dataset uses caption dropout). Change any of them and a new folder is
-built; change nothing and the folder is reused without starting Ray Data.
+prefix, ``max_sequence_length``, the storage dtype when it is not float32 (so float32 caches of
+earlier versions keep their key) and the sorted unique captions (plus ``""``, the empty prompt,
+encoded as SanaPipeline encodes ``negative_prompt=""``, when a dataset uses caption dropout).
+Change any of them and a new folder is built; change nothing and the folder is reused without
+starting Ray Data.
+
+Text rows are stored in the dtype the transformer computes in (``model.text_embeds_dtype``,
+default ``auto``: bfloat16 when training runs under bf16 autocast, float32 otherwise). The
+encoder always runs in float32; under bf16 autocast the transformer's first operation on
+``encoder_hidden_states`` is the ``caption_projection`` linear layer, which casts its input to
+bf16, so a bf16 store loses nothing for bf16 training (tests/data/test_text_dtype.py checks the
+forward is bit-identical) and halves the text cache's disk and I/O; fp32 training keeps fp32 rows.
 
 Building splits a folder's items into shards (``vae_batch_size`` images or the text store's
 ``write_batch_size`` captions; default ``batch_size``; deterministic order) and maps
 them through a pool of encoder actors with ``ray.data``: each actor loads its encoder once and
-writes each shard itself (``<name>.<pid>.tmp`` then ``os.replace``), so finished shards survive a
-kill and are not redone by the next build. Each shard records its items in its safetensors
-metadata; a shard whose items do not match (e.g. batch_size changed between builds) is rebuilt.
+writes each shard itself (``store.write_shard``), so finished shards survive a kill and are not
+redone by the next build. Each shard records its items in its safetensors metadata; a shard whose
+items do not match (e.g. batch_size changed between builds) is rebuilt.
 
-Checksums: next to every shard, ``shard_XXXXX.safetensors.sha256`` (JSON ``{"sha256", "size"}``
-of the whole shard file) is put in place, atomically, *before* the shard is renamed into place,
-so a shard counts as finished only when its file matches its record. Every build that looks at a
-folder (complete or not) checks each shard's size and sha256 against its record (up to
-VERIFY_THREADS files at a time; sha256 ran at ~1 GB/s per core on a 2-core CPU machine, see
-benchmarks/data_wait.py) and rebuilds only the shards that fail, saying which and why. A
-shard from an older build, without a record, is re-verified (header parses, every tensor's bytes
-present, items match) and its record is written then: bit flips that happened before that first
-check cannot be seen, later ones can. Leftover temp files of dead writers are removed when the
-folder is finished.
+Checksums: every build that looks at a folder (complete or not) checks each shard's size and
+sha256 against its record (up to VERIFY_THREADS files at a time; sha256 ran at ~1 GB/s per core
+on a 2-core CPU machine, benchmarks/data_wait.py) and rebuilds only the shards that fail, saying
+which and why. A shard from an older build, without a record, is re-verified (header parses,
+every tensor's bytes present, items match) and its record is written then. Leftover temp files of
+dead writers are removed when the folder is finished.
 
-Every node that runs encoder actors must see ``cache_root`` (and a local ``model_source``) at the
-same path: on a multi-node cluster that means shared storage.
+``cache_latents: false`` datasets (SimpleTuner's ``vae_cache_disable``) are planned (geometry,
+buckets) but not encoded: their samples point at the image and its planned geometry, and the
+training workers encode them (``reader``).
+
+Every node that runs encoder actors or training workers must see ``cache_root`` (and a local
+``model_source``) at the same path: on a multi-node cluster that means shared storage (or a copy
+of the finished cache on every node at the same path; see docs/data.md).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -50,291 +60,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from sana_ray.data.images import PIXELS_VERSION, PixelOptions
+import numpy as np
+
+from sana_ray.data.cache import store
+from sana_ray.data.cache.index import CacheSet, TextShards
+from sana_ray.data.images import PIXELS_VERSION, Geometry, PixelOptions
 from sana_ray.data.samples import UNREADABLE, DataError, DatasetReport, Sample, discover_datasets, text_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from sana_ray.data.sampler import BatchPlan
     from sana_ray.manifest.schema import DatasetSpec, ModelSpec
 
-CACHE_FORMAT = 1
 EMPTY_PROMPT = ""  # the caption-dropout row: encoded without the instruction prefix, like negative_prompt=""
-INDEX_FILE = "index.json"
-KEY_LENGTH = 24  # hex characters of the sha256 used as the folder name
-ENCODE_DTYPE = "float32"  # encoders run and caches are stored in float32 (exact, reproducible)
+ENCODE_DTYPE = "float32"  # encoders run, and latents are stored, in float32 (exact, reproducible)
 PROGRESS_INTERVAL_S = 5.0
 DECODE_THREADS = 8  # per encoder actor
-CHECKSUM_SUFFIX = ".sha256"  # shard_XXXXX.safetensors.sha256: {"sha256": hex of the file, "size": bytes}
 VERIFY_THREADS = 8  # shards hashed in parallel when a build checks a folder (hashlib releases the GIL)
 DAMAGED_LINES = 10  # damaged shards named one per line, per folder; then a count
 HOLD_ENV = "SANA_RAY_CACHE_HOLD_AT_SHARD"  # testing aid, see _injected_hold
+ONLINE = "online"  # the kind of a cache_latents: false dataset's stand-in folder
 
 Progress = Callable[[str], None]
 
 
-# --------------------------------------------------------------------------------------------
-# Public types
-
-
-@dataclass
-class CacheSet:
-    """Where a run's cached tensors are, and which rows each training sample uses. Picklable.
-
-    Sample ``i`` uses latent ``latents_dir/entries[i][0]`` tensor ``latents.<entries[i][1]>``
-    and text row ``entries[i][2]`` of the text cache.
-    """
-
-    latents_dir: str  # <cache_root>/latents; entries name files inside it as "<key>/shard_XXXXX.safetensors"
-    text_dir: str  # <cache_root>/text/<key>
-    entries: list[tuple[str, int, int]]
-    datasets: list[str]  # per sample
-    captions: list[str]  # per sample
-    image_paths: list[str]  # per sample
-    repeats: list[int]  # per sample (its dataset's repeats)
-    buckets: list[int]  # per sample: index into bucket_shapes
-    bucket_shapes: list[tuple[int, ...]]  # latent shape [C, h, w] of each bucket
-    text_shape: tuple[int, int]  # (L, C) of prompt_embeds rows
-    latent_dirs: list[str] = field(default_factory=list)  # one per dataset, for messages
-    caption_rows: list[tuple[int, ...]] = field(default_factory=list)  # per sample: text rows of every caption choice
-    dropout: list[float] = field(default_factory=list)  # per sample: caption dropout probability
-    null_text_row: int | None = None  # text row of the empty prompt (present when any dropout > 0)
-    weights: list[float] = field(default_factory=list)  # per sample: its dataset's probability
-    groups: list[int] = field(default_factory=list)  # per sample: its dataset's number
-    regularisation: list[bool] = field(default_factory=list)  # per sample
-    eval_sets: dict[str, "CacheSet"] = field(default_factory=dict)  # dataset_type eval datasets, by name (never trained on)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def bucket_labels(self) -> list[str]:
-        return ["latent " + "x".join(map(str, shape)) for shape in self.bucket_shapes]
-
-    def batch_plan(self, batch_size: int, world_size: int, seed: int) -> "BatchPlan":
-        from sana_ray.data.sampler import BatchPlan
-
-        return BatchPlan(
-            self.buckets, self.repeats, batch_size=batch_size, world_size=world_size, seed=seed,
-            weights=self.weights or None, groups=self.groups or None, bucket_labels=self.bucket_labels(),
-        )
-
-
-@dataclass
-class CachedData:
-    """All of a run's cached tensors, in memory (what a training worker trains from)."""
-
-    latents: list["torch.Tensor"]  # per bucket: [n_b, C, h, w]
-    latent_rows: "torch.Tensor"  # per sample: row in its bucket's tensor (int64)
-    buckets: list[int]  # per sample
-    prompt_embeds: "torch.Tensor"  # [T, L, C], one row per unique caption
-    prompt_attention_mask: "torch.Tensor"  # [T, L] int64
-    text_rows: "torch.Tensor"  # per sample: row in prompt_embeds (int64)
-    datasets: list[str]
-    captions: list[str]
-    caption_rows: list[tuple[int, ...]] = field(default_factory=list)  # per sample: every caption choice
-    dropout: list[float] = field(default_factory=list)  # per sample
-    null_text_row: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.buckets)
-
-    def text_rows_for(self, indices: list[int], key: Any) -> "torch.Tensor":
-        """Text rows of these samples for draw ``key``: the empty prompt with each sample's dropout
-        probability, else one of its captions; a pure function of (key, position, sample)."""
-        import torch
-
-        digest = hashlib.sha256(f"sana-ray-captions:{json.dumps(key, default=str)}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-        draws = torch.rand(len(indices), 2, generator=generator, dtype=torch.float64).tolist()
-        rows = []
-        for i, (drop, pick) in zip(indices, draws):
-            choices = self.caption_rows[i] if self.caption_rows else (int(self.text_rows[i]),)
-            if self.dropout and self.null_text_row is not None and drop < self.dropout[i]:
-                rows.append(self.null_text_row)
-            else:
-                rows.append(choices[min(int(pick * len(choices)), len(choices) - 1)])
-        return torch.as_tensor(rows, dtype=torch.long)
-
-    def batch(self, indices: list[int], key: Any = None) -> dict[str, "torch.Tensor"]:
-        """Stacked tensors for these samples (which must share a bucket, as BatchPlan batches do).
-
-        ``key`` (e.g. ``(seed, rank, micro_batch)``): draw each sample's caption among its choices
-        and apply caption dropout, deterministically per key. ``None``: every sample's first
-        caption and no dropout.
-        """
-        import torch
-
-        if not indices:
-            raise ValueError("empty batch")
-        bucket = self.buckets[indices[0]]
-        if any(self.buckets[i] != bucket for i in indices):
-            raise ValueError(f"samples {indices} have different latent shapes; batch within a bucket (BatchPlan does)")
-        index = torch.as_tensor(indices, dtype=torch.long)
-        text = self.text_rows.index_select(0, index) if key is None else self.text_rows_for(indices, key)
-        # index_select: the same rows as tensor[rows], several times faster for these row gathers
-        # (this runs once per micro-batch in every worker; benchmarks/data_wait.py).
-        return {
-            "latents": self.latents[bucket].index_select(0, self.latent_rows.index_select(0, index)),
-            "prompt_embeds": self.prompt_embeds.index_select(0, text),
-            "prompt_attention_mask": self.prompt_attention_mask.index_select(0, text),
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-
-
-def _digest(material: Any) -> str:
-    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH]
-
-
-def _shard_name(index: int) -> str:
-    return f"shard_{index:05d}.safetensors"
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_index(folder: Path, kind: str, *, require_shards: bool = True) -> dict | None:
-    try:
-        index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if index.get("format") != CACHE_FORMAT or index.get("kind") != kind:
-        return None
-    if require_shards and not all((folder / name).is_file() for name in index.get("shards", [])):
-        return None
-    return index
-
-
-def _read_header(path: Path, items: list[str]) -> tuple[tuple[dict[str, list[int]], dict[str, str]] | None, str | None]:
-    """(header, None) of a readable shard holding ``items``; (None, why) otherwise, where ``why``
-    is None for an absent or stale shard (other items) and a reason for a damaged one. safetensors
-    refuses a file whose size does not match its header ("file not fully covered"): truncation or
-    appended bytes show up here even without a checksum."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None, None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if json.loads(metadata.get("items", "null")) != items:
-                return None, None
-            shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
-            return (shapes, json.loads(metadata.get("failed", "{}"))), None
-    except Exception as error:  # truncated or foreign file: rebuild it
-        return None, f"unreadable ({type(error).__name__}: {str(error)[:200]})"
-
-
-def _checksum_path(shard: Path) -> Path:
-    return shard.with_name(shard.name + CHECKSUM_SUFFIX)
-
-
-def _read_checksum(shard: Path) -> dict | None:
-    """A shard's recorded {"sha256", "size"}, or None when there is none (an older build) or it is unreadable."""
-    try:
-        record = json.loads(_checksum_path(shard).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str) or not isinstance(record.get("size"), int):
-        return None
-    return record
-
-
-def _file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-@dataclass
-class _ShardCheck:
-    """What a build found when it checked one shard file."""
-
-    header: tuple[dict[str, list[int]], dict[str, str]] | None  # set when the shard is good
-    problem: str | None = None  # why a present shard is damaged (it is rebuilt)
-    adopted: bool = False  # it had no checksum (an older build): re-verified, and its checksum recorded now
-    size: int = 0  # bytes hashed
-
-
-def _verify_shard(path: Path, items: list[str], *, full: bool = True) -> _ShardCheck:
-    """Check a shard against its checksum record: size always, sha256 of the whole file when ``full``.
-
-    Absent or stale (other items): ``header`` None, no problem (simply (re)encoded). Damaged (size
-    or sha256 differs from the record, or safetensors cannot read it): ``problem`` says how. No
-    record (an older build): readable with the right items -> adopted, its record written now.
-    """
-    if not path.is_file():
-        return _ShardCheck(None)
-    record = _read_checksum(path)
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return _ShardCheck(None)
-    if record is not None and size != record["size"]:
-        return _ShardCheck(None, f"{size} bytes where {record['size']} were written (truncated or overwritten)")
-    header, why = _read_header(path, items)
-    if header is None:
-        return _ShardCheck(None, why)
-    if record is None:
-        # An older build's shard: it reads, its sizes add up, its items match; record it from now on.
-        _write_json_atomic(_checksum_path(path), {"sha256": _file_sha256(path), "size": size})
-        return _ShardCheck(header, adopted=True, size=size)
-    if full and _file_sha256(path) != record["sha256"]:
-        return _ShardCheck(None, "sha256 differs from the one recorded when it was written (damaged data)")
-    return _ShardCheck(header, size=size if full else 0)
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this machine (a zombie counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: a killed process whose parent has not reaped it yet is a zombie
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _remove_stale_temps(folder: Path) -> list[str]:
-    """Remove ``<name>.<pid>.tmp`` files whose writer is no longer running on this machine (a
-    killed build's half-written shard or record). A live pid's file is left alone: it may be
-    another build on this machine finishing a redundant copy."""
-    removed = []
-    for path in folder.glob("*.tmp"):
-        pid = path.name.rsplit(".", 2)[-2] if path.name.count(".") >= 2 else ""
-        if pid.isdigit() and _pid_alive(int(pid)):
-            continue
-        try:
-            path.unlink()
-            removed.append(path.name)
-        except FileNotFoundError:  # its writer renamed it meanwhile
-            pass
-    return removed
+def text_store_dtype(model: "ModelSpec", *, bf16_training: bool) -> str:
+    """The torch dtype name text rows are stored in: ``model.text_embeds_dtype``, where ``auto``
+    is bfloat16 when training computes in bf16 (``bf16_training``) and float32 otherwise."""
+    choice = getattr(model, "text_embeds_dtype", "auto")
+    if choice == "auto":
+        return "bfloat16" if bf16_training else "float32"
+    return choice
 
 
 @dataclass
 class _Folder:
     """One cache folder to reuse or build."""
 
-    kind: str  # "text" or "latents"
+    kind: str  # "text", "latents" or "online"
     label: str  # for progress lines
     key: str
     path: Path
     items: list[str]  # captions or image paths, in row order
     shard_size: int
-    params: dict[str, Any]  # latents: resolution, crop
+    params: dict[str, Any]  # latents: resolution, crop; text: store_dtype
     index: dict | None = None  # set once complete
     todo: list[int] = field(default_factory=list)  # shard numbers to encode
     extras: list | None = None  # latents: per item geometry (travels with the shard's job)
+    headers: dict[int, store.ShardHeader] = field(default_factory=dict)  # shard -> its header, once verified
 
     def shard_items(self, shard: int) -> list[str]:
         return self.items[shard * self.shard_size : (shard + 1) * self.shard_size]
@@ -399,8 +172,6 @@ class _ShardEncoder:
         return self.encoders[key]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
         results = []
         for text in batch["job"]:
             job = json.loads(str(text))
@@ -426,10 +197,10 @@ class _ShardEncoder:
         with torch.inference_mode():
             if job["kind"] == "text":
                 embeds, mask = _encode_captions(encoder, items)
-                tensors["prompt_embeds"] = embeds.to("cpu", torch.float32).contiguous()
+                tensors["prompt_embeds"] = embeds.to("cpu", getattr(torch, job.get("store_dtype", "float32"))).contiguous()
                 tensors["prompt_attention_mask"] = mask.to("cpu", torch.int64).contiguous()
             else:
-                from sana_ray.data.images import Geometry, load_prepared
+                from sana_ray.data.images import load_prepared
 
                 def load(row: int) -> torch.Tensor | str:
                     try:
@@ -451,16 +222,9 @@ class _ShardEncoder:
                     latents = encoder.encode(pixels).to("cpu", torch.float32)
                     for (row, _), latent in zip(members, latents):
                         tensors[f"latents.{row}"] = latent.contiguous()
-        final = Path(job["path"])
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
-        metadata = {"items": json.dumps(items, ensure_ascii=False), "failed": json.dumps(failed), "format": str(CACHE_FORMAT)}
+        metadata = {"items": json.dumps(items, ensure_ascii=False), "failed": json.dumps(failed), "format": str(store.CACHE_FORMAT)}
         blob = save(tensors, metadata=metadata)  # the file's bytes, hashed before they reach the disk
-        tmp.write_bytes(blob)
-        # The record goes in place before the shard: a shard is finished only when its file matches
-        # its record, so a kill between the two renames leaves a missing (or old) shard, redone next time.
-        _write_json_atomic(_checksum_path(final), {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)})
-        _injected_hold(job, written=True)
-        os.replace(tmp, final)
+        store.write_shard(Path(job["path"]), blob, before_rename=lambda: _injected_hold(job, written=True))
         return {"folder": job["folder"], "shard": job["shard"], "count": len(items)}
 
 
@@ -501,24 +265,26 @@ def _encode_captions(encoder, items: list[str]):
 
 
 # --------------------------------------------------------------------------------------------
-# Building
+# Planning
 
 
-def _plan_text(samples: list[Sample], fingerprint: str, model: "ModelSpec", instruction: list[str] | None, root: Path, shard_size: int, empty_prompt: bool = False) -> _Folder:
+def _plan_text(samples: list[Sample], fingerprint: str, model: "ModelSpec", instruction: list[str] | None, root: Path,
+               shard_size: int, *, store_dtype: str = "float32", empty_prompt: bool = False) -> _Folder:
     captions = sorted({c for s in samples for c in s.choices} | ({EMPTY_PROMPT} if empty_prompt else set()))
-    key = _digest(
-        {
-            "format": CACHE_FORMAT,
-            "kind": "text",
-            "model": fingerprint,
-            "variant": model.variant,
-            "dtype": ENCODE_DTYPE,
-            "instruction": instruction,
-            "max_sequence_length": model.max_sequence_length,
-            "captions": captions,
-        }
-    )
-    return _Folder("text", "text embeddings", key, root / key, captions, shard_size, {})
+    material = {
+        "format": store.CACHE_FORMAT,
+        "kind": "text",
+        "model": fingerprint,
+        "variant": model.variant,
+        "dtype": ENCODE_DTYPE,  # what the encoder computes in
+        "instruction": instruction,
+        "max_sequence_length": model.max_sequence_length,
+        "captions": captions,
+    }
+    if store_dtype != "float32":  # float32 stores keep the key they had before the dtype was a choice
+        material["store_dtype"] = store_dtype
+    key = store.digest(material)
+    return _Folder("text", "text embeddings", key, root / key, captions, shard_size, {"store_dtype": store_dtype})
 
 
 def _plan_latents(dataset: "DatasetSpec", samples: list[Sample], fingerprint: str, model: "ModelSpec", root: Path, shard_size: int) -> _Folder:
@@ -528,9 +294,9 @@ def _plan_latents(dataset: "DatasetSpec", samples: list[Sample], fingerprint: st
     for path, planned in zip(paths, geometry):
         stat = os.stat(path)
         files.append([path, stat.st_size, stat.st_mtime_ns, planned])
-    key = _digest(
+    key = store.digest(
         {
-            "format": CACHE_FORMAT,
+            "format": store.CACHE_FORMAT,
             "kind": "latents",
             "pixels": PIXELS_VERSION,
             "model": fingerprint,
@@ -546,6 +312,43 @@ def _plan_latents(dataset: "DatasetSpec", samples: list[Sample], fingerprint: st
     return folder
 
 
+def vae_layout(model_source: str, revision: str | None = None) -> tuple[int, int]:
+    """(latent channels, downsample factor) of the run's VAE, from its config only (no weights)."""
+    from diffusers import AutoencoderDC
+
+    kwargs = {"revision": revision} if revision else {}
+    config = AutoencoderDC.load_config(model_source, subfolder="vae", **kwargs)
+    # As LatentEncoder.downsample_factor (and SanaPipeline's vae_scale_factor) compute it.
+    return int(config["latent_channels"]), 2 ** (len(config["encoder_block_out_channels"]) - 1)
+
+
+def latent_shape(geometry: Geometry, channels: int, factor: int) -> list[int]:
+    """[C, h, w] of the latent of an image prepared with ``geometry``."""
+    width, height = geometry.size
+    if width % factor or height % factor:
+        raise DataError(f"planned image size {width}x{height} is not a multiple of the VAE's downsampling ({factor})")
+    return [channels, height // factor, width // factor]
+
+
+def _plan_online(dataset: "DatasetSpec", samples: list[Sample], model_source: str, model: "ModelSpec", root: Path) -> _Folder:
+    """The stand-in for a latent folder of a ``cache_latents: false`` dataset: complete already
+    (nothing to encode or write), its index listing each image's planned geometry and latent shape."""
+    channels, factor = vae_layout(model_source, model.revision)
+    items = []
+    for sample in samples:
+        if sample.geometry is None:  # pragma: no cover - discovery always plans one
+            raise DataError(f"{sample.image_path}: no planned geometry")
+        items.append({"path": sample.image_path, "geometry": sample.geometry.to_json(),
+                      "shape": latent_shape(sample.geometry, channels, factor)})
+    folder = _Folder(ONLINE, f"online latents {dataset.name}", ONLINE, root / ONLINE, [s.image_path for s in samples], 1, {})
+    folder.index = {"kind": ONLINE, "items": items}
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Checking, encoding, finishing
+
+
 def _check_folder(folder: _Folder, say: Progress) -> None:
     """Reuse a complete folder whose shards all match their checksums, or list the shards that
     still need encoding: absent, stale (other items) or damaged (those are named in ``say``).
@@ -553,7 +356,7 @@ def _check_folder(folder: _Folder, say: Progress) -> None:
     A complete folder with a missing or damaged shard keeps its index.json while that shard is
     redone (it is rewritten when the build finishes): the index fixes the folder's shard layout,
     and a rebuild that is itself interrupted finds the same shard bad again next time."""
-    index = _read_index(folder.path, folder.kind, require_shards=False)
+    index = store.read_index(folder.path, folder.kind)
     unit = "captions" if folder.kind == "text" else "images"
     complete = index is not None and index.get("items_count") == len(folder.items)
     if complete:
@@ -565,16 +368,17 @@ def _check_folder(folder: _Folder, say: Progress) -> None:
     started = time.monotonic()
     shards = range(folder.num_shards)
     with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
-        checks = list(pool.map(lambda s: _verify_shard(folder.path / _shard_name(s), folder.shard_items(s)), shards))
+        checks = list(pool.map(lambda s: store.verify_shard(folder.path / store.shard_name(s), folder.shard_items(s)), shards))
     elapsed = time.monotonic() - started
     damaged = [(s, c.problem) for s, c in zip(shards, checks) if c.problem]
     for shard, problem in damaged[:DAMAGED_LINES]:
-        say(f"{folder.label}: {folder.path / _shard_name(shard)} is damaged: {problem}; rebuilding it")
+        say(f"{folder.label}: {folder.path / store.shard_name(shard)} is damaged: {problem}; rebuilding it")
     if len(damaged) > DAMAGED_LINES:
         say(f"{folder.label}: ... and {len(damaged) - DAMAGED_LINES} more damaged shards; rebuilding them")
     adopted = sum(c.adopted for c in checks)
     if adopted:
         say(f"{folder.label}: {adopted} shard(s) from an older build had no checksum: re-verified, checksum recorded")
+    folder.headers = {s: c.header for s, c in zip(shards, checks) if c.header is not None}
     folder.todo = [s for s, c in zip(shards, checks) if c.header is None]
     if complete and not folder.todo:
         folder.index = index
@@ -593,23 +397,24 @@ def _finish_folder(folder: _Folder) -> None:
     index.json (last, atomically): the folder is then complete."""
     shards, items, shape = [], [], None
     for s in range(folder.num_shards):
-        name = _shard_name(s)
+        name = store.shard_name(s)
         expected = folder.shard_items(s)
-        header = _verify_shard(folder.path / name, expected, full=False).header
+        header = store.verify_shard(folder.path / name, expected, full=False).header
         if header is None:
             raise DataError(f"{folder.label}: shard {folder.path / name} is missing or incomplete after the build; rerun to rebuild it")
+        folder.headers[s] = header
         shards.append(name)
-        shapes, failed = header
         if folder.kind == "text":
-            shape = shapes["prompt_embeds"][1:]
+            shape = list(header.tensors["prompt_embeds"].shape[1:])
         else:
+            failed = header.failed()
             for row, path in enumerate(expected):
                 if str(row) in failed:
                     items.append({"path": path, "shard": name, "row": row, "error": failed[str(row)]})
                 else:
-                    items.append({"path": path, "shard": name, "row": row, "shape": shapes[f"latents.{row}"]})
+                    items.append({"path": path, "shard": name, "row": row, "shape": list(header.tensors[f"latents.{row}"].shape)})
     index: dict[str, Any] = {
-        "format": CACHE_FORMAT,
+        "format": store.CACHE_FORMAT,
         "kind": folder.kind,
         "key": folder.key,
         "items_count": len(folder.items),
@@ -623,8 +428,8 @@ def _finish_folder(folder: _Folder) -> None:
         index["shape"] = shape
     else:
         index["items"] = items
-    _remove_stale_temps(folder.path)
-    _write_json_atomic(folder.path / INDEX_FILE, index)
+    store.remove_stale_temps(folder.path)
+    store.write_index(folder.path, index)
     folder.index = index
 
 
@@ -641,7 +446,7 @@ def _run_encoders(folders: list[_Folder], model: dict, num_actors: int, use_gpu:
                 "model": model,
                 "folder": number,
                 "shard": shard,
-                "path": str(folder.path / _shard_name(shard)),
+                "path": str(folder.path / store.shard_name(shard)),
                 "items": folder.shard_items(shard),
                 "seq": len(jobs),
                 **folder.params,
@@ -721,11 +526,13 @@ def build_caches(
     batch_size: int = 8,
     progress: Progress | None = print,
     use_gpu: bool = False,
+    bf16_training: bool = False,
 ) -> tuple[CacheSet, list[DatasetReport]]:
     """Find every dataset's samples, reuse or build their caches, and say where everything is.
 
     ``model_source`` is what the encoders load (a local diffusers folder or a hub id); ``model``
-    supplies revision, variant, max_sequence_length and the instruction-prefix switch.
+    supplies revision, variant, max_sequence_length, the instruction-prefix switch and the text
+    storage dtype (``bf16_training``: whether training computes in bf16, for ``auto``).
     Disabled entries are left out; a ``dataset_type: text_embeds`` entry sets the text cache's
     folder and shard size; ``dataset_type: eval`` datasets are cached too but returned apart, in
     ``cache_set.eval_sets`` (never trained on). ``batch_size`` is the shard size of folders whose
@@ -746,19 +553,18 @@ def build_caches(
         say(report.summary())
     reports = [report for _, _, report in found]
     all_samples = [s for _, samples, _ in found for s in samples]
-    store = text_store(datasets)
+    text_settings = text_store(datasets)
     empty_prompt = any(getattr(d, "caption_dropout_probability", 0) > 0 for d, _, r in found if r.role != "eval")
     text = _plan_text(
-        all_samples, fingerprint, model, instruction, _under(root, store and store.cache_dir, "text"),
-        (store and store.write_batch_size) or batch_size, empty_prompt=empty_prompt,
+        all_samples, fingerprint, model, instruction, _under(root, text_settings and text_settings.cache_dir, "text"),
+        (text_settings and text_settings.write_batch_size) or batch_size,
+        store_dtype=text_store_dtype(model, bf16_training=bf16_training), empty_prompt=empty_prompt,
     )
     latent_folders: dict[Path, _Folder] = {}
     dataset_folders: list[_Folder] = []
     for dataset, samples, _ in found:
-        if not getattr(dataset, "cache_latents", True):  # encoded in the training loop instead (data/online.py)
-            from sana_ray.data.online import plan_online
-
-            dataset_folders.append(plan_online(dataset, samples, model_source, model, root / "latents"))
+        if not getattr(dataset, "cache_latents", True):  # encoded in the training loop instead (reader)
+            dataset_folders.append(_plan_online(dataset, samples, model_source, model, root / "latents"))
             continue
         folder = _plan_latents(
             dataset, samples, fingerprint, model, _under(root, getattr(dataset, "cache_dir", None), "latents"),
@@ -799,27 +605,46 @@ def build_caches(
     return cache_set, reports
 
 
-def _entry_file(root: Path, folder: _Folder, shard: str) -> str:
-    """A shard's name relative to ``<root>/latents`` when it lies there, else its absolute path."""
-    latents = root / "latents"
-    if folder.kind == "online":  # no file: the entry carries the planned geometry (data/online.py)
-        return shard
-    if folder.path.parent == latents:
-        return f"{folder.key}/{shard}"
-    return str(folder.path / shard)
+# --------------------------------------------------------------------------------------------
+# The sample index
+
+
+def _text_shards(text: _Folder) -> TextShards:
+    assert text.index is not None
+    files, sizes, embeds, masks, dtype = [], [], [], [], None
+    for s in range(text.num_shards):
+        path = text.path / store.shard_name(s)
+        header = text.headers[s]
+        files.append(str(path))
+        sizes.append(path.stat().st_size)
+        embeds.append(header.tensors["prompt_embeds"].start)
+        masks.append(header.tensors["prompt_attention_mask"].start)
+        dtype = header.tensors["prompt_embeds"].dtype
+        if header.tensors["prompt_attention_mask"].dtype != "I64":
+            raise DataError(f"text cache shard {path}: prompt_attention_mask is not int64; delete the folder to rebuild it")
+    return TextShards(
+        folder=str(text.path), files=files, sizes=sizes, rows_per_shard=text.shard_size, count=int(text.index["items_count"]),
+        embeds_offset=embeds, mask_offset=masks, dtype=dtype or "F32", shape=tuple(text.index["shape"]),
+    )
 
 
 def _cache_set(root: Path, text: _Folder, members: list, say: Progress) -> CacheSet:
     """The CacheSet of some datasets: ``members`` is [((dataset, samples, report), folder), ...]."""
     assert text.index is not None
     text_row = {caption: row for row, caption in enumerate(text.index["captions"])}
-    entries: list[tuple[str, int, int]] = []
-    buckets: list[int] = []
+    file_number: dict[str, int] = {}
+    files: list[str] = []
+    file_sizes: list[int] = []
+    latent_file, latent_offset, buckets = [], [], []
     shapes: dict[tuple[int, ...], int] = {}
-    names, captions, paths, repeats = [], [], [], []
-    caption_rows, dropout, weights, groups, regularisation = [], [], [], [], []
+    online_geometry: list[list] = []
+    latent_dtypes: set[str] = set()
+    caption_offsets, caption_rows = [0], []
+    paths, repeats, dropout, weights, groups, regularisation, names, dirs = [], [], [], [], [], [], [], []
     for number, ((dataset, samples, report), folder) in enumerate(members):
         assert folder.index is not None
+        names.append(dataset.name)
+        dirs.append(str(folder.path))
         where = {item["path"]: item for item in folder.index["items"]}
         for sample in samples:
             item = where[sample.image_path]
@@ -828,98 +653,54 @@ def _cache_set(root: Path, text: _Folder, members: list, say: Progress) -> Cache
                 report.used -= 1
                 say(f"{dataset.name}: skipping unreadable {sample.image_path} ({item['error']})")
                 continue
-            rows = tuple(text_row[c] for c in sample.choices)
-            entries.append((_entry_file(root, folder, item["shard"]), item["row"], rows[0]))
+            if folder.kind == ONLINE:
+                latent_file.append(-1)
+                latent_offset.append(len(online_geometry))
+                online_geometry.append(item["geometry"])
+            else:
+                shard = int(item["shard"][len("shard_"):].split(".")[0])
+                info = folder.headers[shard].tensors[f"latents.{item['row']}"]
+                path = str(folder.path / item["shard"])
+                if path not in file_number:
+                    file_number[path] = len(files)
+                    files.append(path)
+                    file_sizes.append(os.stat(path).st_size)
+                latent_file.append(file_number[path])
+                latent_offset.append(info.start)
+                latent_dtypes.add(info.dtype)
             buckets.append(shapes.setdefault(tuple(item["shape"]), len(shapes)))
-            names.append(sample.dataset)
-            captions.append(sample.caption)
+            caption_rows.extend(text_row[c] for c in sample.choices)
+            caption_offsets.append(len(caption_rows))
             paths.append(sample.image_path)
             repeats.append(dataset.repeats)
-            caption_rows.append(rows)
             dropout.append(float(getattr(dataset, "caption_dropout_probability", 0.0)))
             weights.append(float(getattr(dataset, "probability", 1.0)))
             groups.append(number)
             regularisation.append(bool(getattr(dataset, "is_regularisation_data", False)))
         if report.used == 0:
             raise DataError(f"dataset '{dataset.name}': none of its images could be decoded ({report.summary()})")
+    if len(latent_dtypes) > 1:  # pragma: no cover - every build stores float32 latents
+        raise DataError(f"latent caches of one run hold several dtypes ({sorted(latent_dtypes)}); rebuild them")
     return CacheSet(
         latents_dir=str(root / "latents"),
-        text_dir=str(text.path),
-        entries=entries,
-        datasets=names,
-        captions=captions,
-        image_paths=paths,
-        repeats=repeats,
-        buckets=buckets,
+        text=_text_shards(text),
+        files=files,
+        file_sizes=file_sizes,
+        latent_file=np.asarray(latent_file, dtype=np.int32),
+        latent_offset=np.asarray(latent_offset, dtype=np.int64),
+        latent_dtype=latent_dtypes.pop() if latent_dtypes else "F32",
+        buckets=np.asarray(buckets, dtype=np.int32),
         bucket_shapes=list(shapes),
-        text_shape=tuple(text.index["shape"]),
-        latent_dirs=[str(f.path) for _, f in members],
-        caption_rows=caption_rows,
-        dropout=dropout,
+        caption_offsets=np.asarray(caption_offsets, dtype=np.int64),
+        caption_rows=np.asarray(caption_rows, dtype=np.int32),
+        dropout=np.asarray(dropout, dtype=np.float64),
+        repeats=np.asarray(repeats, dtype=np.int32),
+        weights=np.asarray(weights, dtype=np.float64),
+        groups=np.asarray(groups, dtype=np.int32),
+        regularisation=np.asarray(regularisation, dtype=bool),
+        image_paths=paths,
+        dataset_names=names,
+        latent_dirs=dirs,
         null_text_row=text_row.get(EMPTY_PROMPT),
-        weights=weights,
-        groups=groups,
-        regularisation=regularisation,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Loading (in a training worker)
-
-
-def load_cache(cache: CacheSet) -> CachedData:
-    """Read a CacheSet's tensors into memory (latents grouped by shape, one text row per caption)."""
-    import torch
-    from safetensors.torch import load_file
-
-    text_dir = Path(cache.text_dir)
-    index = _read_index(text_dir, "text")
-    if index is None:
-        raise DataError(f"text cache {text_dir} is missing or incomplete; run the cache build again")
-    prompt_embeds = torch.empty(index["items_count"], *index["shape"], dtype=torch.float32)
-    prompt_mask = torch.empty(index["items_count"], index["shape"][0], dtype=torch.int64)
-    start = 0
-    for name in index["shards"]:  # one shard in memory at a time
-        part = load_file(str(text_dir / name))
-        end = start + part["prompt_embeds"].shape[0]
-        prompt_embeds[start:end] = part["prompt_embeds"]
-        prompt_mask[start:end] = part["prompt_attention_mask"]
-        start = end
-
-    # Place each distinct latent (two datasets may share a folder) in its bucket's tensor,
-    # allocated up front and filled one shard file at a time: peak memory ~ one copy of the latents.
-    latents_dir = Path(cache.latents_dir)
-    placed: dict[tuple[str, int], int] = {}  # (file, row) -> row in its bucket's tensor
-    counts = [0] * len(cache.bucket_shapes)
-    latent_rows: list[int] = []
-    for (file, row, _), bucket in zip(cache.entries, cache.buckets):
-        if (file, row) not in placed:
-            placed[(file, row)] = counts[bucket]
-            counts[bucket] += 1
-        latent_rows.append(placed[(file, row)])
-    latents = [torch.empty(n, *shape, dtype=torch.float32) for n, shape in zip(counts, cache.bucket_shapes)]
-    bucket_of = {(file, row): bucket for (file, row, _), bucket in zip(cache.entries, cache.buckets)}
-    by_file: dict[str, list[int]] = {}
-    for file, row in placed:
-        by_file.setdefault(file, []).append(row)
-    for file in sorted(by_file):
-        path = latents_dir / file
-        if not path.is_file():
-            raise DataError(f"latent cache shard {path} is missing; run the cache build again")
-        tensors = load_file(str(path))
-        for row in by_file[file]:
-            latents[bucket_of[(file, row)]][placed[(file, row)]] = tensors[f"latents.{row}"]
-
-    return CachedData(
-        latents=latents,
-        latent_rows=torch.tensor(latent_rows, dtype=torch.long),
-        buckets=list(cache.buckets),
-        prompt_embeds=prompt_embeds,
-        prompt_attention_mask=prompt_mask,
-        text_rows=torch.tensor([e[2] for e in cache.entries], dtype=torch.long),
-        datasets=list(cache.datasets),
-        captions=list(cache.captions),
-        caption_rows=list(cache.caption_rows),
-        dropout=list(cache.dropout),
-        null_text_row=cache.null_text_row,
+        online_geometry=online_geometry,
     )
