@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64}
 DECODE_THREADS = 8  # online images decoded in parallel per batch (PIL releases the GIL)
-MAX_OPEN_FILES = 64  # shard files kept open per reader (a real dataset has thousands)
+MAX_OPEN_FILES = 64  # shard files kept open per reading thread (a real dataset has thousands)
+READ_THREADS = 4  # reads in flight per reader
 DATA_DOC = "docs/data.md (multi-node: shared storage)"
 
 
@@ -68,8 +69,11 @@ class CacheReader:
         self.encoder = encoder
         self.buckets = cache.buckets.tolist()
         self.unreadable: dict[str, str] = {}  # online images that failed to load: path -> why
-        self._files: OrderedDict[str, int] = OrderedDict()
+        self._local = threading.local()  # per thread: OrderedDict path -> fd (see _fd)
+        self._caches: list[OrderedDict] = []  # every thread's, for close()
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self._text_dtype = TORCH_DTYPES[cache.text.dtype]
         self._latent_dtype = TORCH_DTYPES[cache.latent_dtype]
         if check_files:
@@ -113,34 +117,58 @@ class CacheReader:
         )
 
     def _fd(self, path: str) -> int:
-        fd = self._files.get(path)
+        """An open descriptor of ``path`` from the calling thread's own cache: a descriptor is only
+        ever used and closed by the thread that opened it, so eviction never races a read."""
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = OrderedDict()
+            with self._lock:
+                self._caches.append(files)
+        fd = files.get(path)
         if fd is not None:
-            self._files.move_to_end(path)
+            files.move_to_end(path)
             return fd
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise self._missing(Path(path)) from None
-        self._files[path] = fd
-        while len(self._files) > MAX_OPEN_FILES:
-            _, old = self._files.popitem(last=False)
+        files[path] = fd
+        while len(files) > MAX_OPEN_FILES:
+            _, old = files.popitem(last=False)
             os.close(old)
         return fd
 
-    def _read_into(self, path: str, offset: int, out: torch.Tensor) -> None:
+    def _read_one(self, job: tuple[str, int, torch.Tensor]) -> None:
         """Fill the contiguous tensor ``out`` with its bytes at ``offset`` of ``path``."""
+        path, offset, out = job
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
-        with self._lock:
-            got = os.preadv(self._fd(path), [buffer], offset)
+        got = os.preadv(self._fd(path), [buffer], offset)
         if got != len(buffer):
             raise DataError(f"cache shard {path}: short read at byte {offset} ({got} of {len(buffer)}); it was truncated "
                             f"while the run was reading it. Fix: apply the manifest again to rebuild it.")
 
+    def _read(self, jobs: list[tuple[str, int, torch.Tensor]]) -> None:
+        """Do these reads, READ_THREADS at a time: on a network file system or a cold disk the
+        latency of one read, not the bandwidth, limits a single reader."""
+        if len(jobs) < 2:
+            for job in jobs:
+                self._read_one(job)
+            return
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has none of the parent's threads
+            self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="sana-ray-read")
+            self._pool_pid = os.getpid()
+        for _ in self._pool.map(self._read_one, jobs):
+            pass
+
     def close(self) -> None:
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown()
+        self._pool = None
         with self._lock:
-            for fd in self._files.values():
-                os.close(fd)
-            self._files.clear()
+            for files in self._caches:
+                for fd in files.values():
+                    os.close(fd)
+                files.clear()
 
     # --- text
 
@@ -166,17 +194,23 @@ class CacheReader:
 
     def read_text(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompt_embeds [B, L, C] in the store's dtype, prompt_attention_mask [B, L] int64)``."""
-        text = self.cache.text
-        length, channels = text.shape
+        length, channels = self.cache.text.shape
         embeds = torch.empty(len(rows), length, channels, dtype=self._text_dtype)
         mask = torch.empty(len(rows), length, dtype=torch.int64)
+        self._read(self._text_jobs(rows, embeds, mask))
+        return embeds, mask
+
+    def _text_jobs(self, rows: list[int], embeds: torch.Tensor, mask: torch.Tensor) -> list:
+        text = self.cache.text
+        length, channels = text.shape
         row_bytes = length * channels * embeds.element_size()
+        jobs = []
         for b, row in enumerate(rows):
             shard, local = divmod(row, text.rows_per_shard)
             path = text.files[shard]
-            self._read_into(path, text.embeds_offset[shard] + local * row_bytes, embeds[b])
-            self._read_into(path, text.mask_offset[shard] + local * length * 8, mask[b])
-        return embeds, mask
+            jobs.append((path, text.embeds_offset[shard] + local * row_bytes, embeds[b]))
+            jobs.append((path, text.mask_offset[shard] + local * length * 8, mask[b]))
+        return jobs
 
     # --- latents
 
@@ -224,14 +258,16 @@ class CacheReader:
         if failed:
             indices = self._replace_unreadable(indices, failed, pixels)
         latents = torch.empty(len(indices), *cache.bucket_shapes[bucket], dtype=self._latent_dtype)
-        for b, i in enumerate(indices):
-            if cache.latent_file[i] >= 0:
-                self._read_into(cache.files[cache.latent_file[i]], int(cache.latent_offset[i]), latents[b])
+        length, channels = cache.text.shape
+        embeds = torch.empty(len(indices), length, channels, dtype=self._text_dtype)
+        mask = torch.empty(len(indices), length, dtype=torch.int64)
+        jobs = [(cache.files[cache.latent_file[i]], int(cache.latent_offset[i]), latents[b])
+                for b, i in enumerate(indices) if cache.latent_file[i] >= 0]
+        self._read(jobs + self._text_jobs(self.text_rows_for(indices, key), embeds, mask))  # one round of reads
         positions = [b for b, i in enumerate(indices) if cache.latent_file[i] < 0]
         if positions:
             stacked = torch.stack([pixels[indices[b]] for b in positions])
             latents[positions] = self.latent_encoder().encode(stacked).to("cpu", self._latent_dtype)
-        embeds, mask = self.read_text(self.text_rows_for(indices, key))
         return {"latents": latents, "prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     def _replace_unreadable(self, indices: list[int], failed: set[int], pixels: dict) -> list[int]:
