@@ -79,6 +79,12 @@ def training_fingerprint(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def write_outcome(path: Path, outcome: dict) -> None:
+    """run.json (or a sweep's summary.json): the outcome for scripts, secrets masked. It quotes
+    manifest values and error text, so it goes through sana_ray.redaction like every writer."""
+    write_json_atomic(path, tracking.redact_data(outcome))
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -205,7 +211,7 @@ def apply(manifest: Manifest, *, restart: bool = False) -> int:
         "mlflow_run_id": run_id,
         "started_at": now_iso(),
     }
-    write_json_atomic(paths.run_json, outcome)
+    write_outcome(paths.run_json, outcome)
 
     from sana_ray.launch.trainer import fit
 
@@ -238,7 +244,7 @@ def apply(manifest: Manifest, *, restart: bool = False) -> int:
         say("Fix the cause and apply the same manifest again: it resumes from the latest checkpoint.")
     finally:
         outcome |= {"status": status, "finished_at": now_iso(), "duration_s": round(time.time() - started, 1)}
-        write_json_atomic(paths.run_json, outcome)
+        write_outcome(paths.run_json, outcome)
         tracking.finish_run(
             tracking_uri, run_id, {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
         )

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from sana_ray.redaction import redact_text
+
 console = Console(highlight=False)
 
 
 def say(message: str) -> None:
-    console.print(message)
+    """One line for the operator; secrets in it (a URI with a password, a token) are masked."""
+    console.print(redact_text(message))

@@ -47,6 +47,7 @@ from sana_ray.launch.apply import (
     resolve_strategy,
     training_fingerprint,
     write_json_atomic,
+    write_outcome,
     write_text_atomic,
 )
 from sana_ray.launch.console import say
@@ -247,13 +248,13 @@ def run_trial(config: dict, ctx: dict) -> None:
                                     "trial_id": trial_id, "values": config})
     outcome = {"name": manifest.metadata.name, "trial_id": trial_id, "values": config, "status": "running",
                "mlflow_run_id": run_id, "started_at": now_iso()}
-    write_json_atomic(paths.run_json, outcome)
+    write_outcome(paths.run_json, outcome)
     try:
         result = fit(manifest, model_source=ctx["model_source"], cache_set=ctx["cache_set"], paths=paths, attempt=1,
                      fingerprint=fingerprint, tracking_uri=uri, run_id=run_id, callbacks=[TuneReportCallback()])
     except Exception as error:
         outcome |= {"status": "failed", "error": tracking.redact_text(f"{type(error).__name__}: {error}")[:4000]}
-        write_json_atomic(paths.run_json, outcome | {"finished_at": now_iso()})
+        write_outcome(paths.run_json, outcome | {"finished_at": now_iso()})
         client = tracking.client(uri)
         client.set_tag(run_id, STATUS_TAG, "failed")
         client.set_terminated(run_id, status="FAILED")
@@ -261,7 +262,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     outcome |= {"status": "completed", "steps": int(result.metrics.get("step", 0)),
                 "final_loss": float(result.metrics["loss"]), "export_path": str(paths.export),
                 "finished_at": now_iso()}
-    write_json_atomic(paths.run_json, outcome)
+    write_outcome(paths.run_json, outcome)
     tracking.client(uri).set_tag(run_id, STATUS_TAG, "completed")
     tracking.finish_run(uri, run_id, "FINISHED")
 
@@ -362,7 +363,7 @@ def apply_sweep(sweep: Sweep, *, restart: bool = False) -> int:
                 "finished_at": now_iso(), "duration_s": round(time.time() - started, 1)}
     if error_text:
         outcome["error"] = error_text
-    write_json_atomic(paths.summary, outcome)
+    write_outcome(paths.summary, outcome)
     client = tracking.client(uri)
     client.set_tag(parent_id, STATUS_TAG, status)
     tracking.RunLogger(uri, parent_id).log_artifact(paths.summary)
@@ -494,8 +495,8 @@ def _summarize(sweep: Sweep, results, paths: SweepPaths, attempt: int, uri: str,
         else:
             status = "early-stopped"
             if run:
-                write_json_atomic(root / "run.json", {k: v for k, v in run.items() if k != "error"}
-                                  | {"status": status, "steps": steps})
+                write_outcome(root / "run.json", {k: v for k, v in run.items() if k != "error"}
+                              | {"status": status, "steps": steps})
         values = dict(result.config or run.get("values") or {})
         trial = {
             "trial_id": trial_id,

@@ -6,16 +6,17 @@ by id. An explicit id, not ``mlflow.start_run``'s process-global active run, is 
 worker process on another node write into the driver's run.
 
 Credentials never come from the manifest: MLflow reads ``MLFLOW_TRACKING_USERNAME`` /
-``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN`` from the environment itself, and
-``redact_uri`` keeps any user-info out of what we print or log.
+``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN`` from the environment itself, and what
+is written here (params, tags) goes through ``sana_ray.redaction`` (the one place that decides
+what is a secret), as do ``redact_uri`` / ``redact_text`` for what the launcher prints or logs.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+
+from sana_ray.redaction import redact_data, redact_text, redact_uri  # noqa: F401 - re-exported: what apply and sweep call
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -23,16 +24,6 @@ SQLITE_PREFIX = "sqlite:///"
 def default_tracking_uri(output_dir: Path) -> str:
     """The store used when the manifest names none: a SQLite file beside the runs."""
     return f"{SQLITE_PREFIX}{(output_dir / 'mlflow.db').resolve()}"
-
-
-def redact_uri(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
-    return uri
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:
@@ -67,8 +58,11 @@ def open_run(
     params: dict[str, str],
     resume_run_id: str | None = None,
 ) -> str:
-    """Reopen ``resume_run_id`` if it still exists, else create a run. Returns its id."""
+    """Reopen ``resume_run_id`` if it still exists, else create a run. Returns its id.
+
+    Tag and param values are redacted here, whatever the caller passed."""
     mlflow_client = client(tracking_uri)
+    tags, params = redact_data(dict(tags)), redact_data(dict(params))
     if resume_run_id:
         try:
             run = mlflow_client.get_run(resume_run_id)
@@ -118,11 +112,6 @@ class RunLogger:
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key)]
-
-
-def redact_text(text: str) -> str:
-    """Mask user-info in any URI inside ``text`` (for messages and logs)."""
-    return re.sub(r"(\b[a-z+]+://)[^/@\s]+@", r"\1***@", text)
 
 
 def free_loopback_port() -> int:
