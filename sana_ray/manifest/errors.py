@@ -16,6 +16,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from pydantic import BaseModel, ValidationError
 
+from sana_ray.manifest.names import NAME_PATTERN, NAME_RULE, suggest_name
+from sana_ray.redaction import redact_text
+
 Loc = tuple  # tuple[str | int, ...]
 
 
@@ -29,6 +32,12 @@ class Problem:
     path: str
     message: str
     hint: str | None = None
+
+    def __post_init__(self) -> None:
+        # Messages quote what the user wrote; a URI with a password must not reach the terminal or a log.
+        self.path = redact_text(self.path)
+        self.message = redact_text(self.message)
+        self.hint = redact_text(self.hint) if self.hint else self.hint
 
     def __str__(self) -> str:
         where = self.file
@@ -87,8 +96,16 @@ def format_path(loc: Iterable[str | int]) -> str:
     return out
 
 
+def shorten(text: str, keep: int = 60) -> str:
+    """Text quoted in a message (an override, a value): long ones cut in the middle."""
+    text = str(text)
+    return text if len(text) <= 2 * keep + 5 else f"{text[:keep]} ... {text[-keep:]}"
+
+
 def describe_value(value: Any) -> str:
     """A short rendering of what the user wrote, for "got ..." messages."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1:,} digits"  # repr() refuses 4,300+
     if value is None:
         return "null"
     if value is True:
@@ -247,7 +264,9 @@ def describe_error(root: type[BaseModel], err: Mapping[str, Any]) -> tuple[str, 
         if len(allowed) == 1:
             return message, f"set it to {_quoted(allowed)}"
         field = field_at(root, loc)
-        return message, (field.description if field is not None and field.description else None)
+        if field is not None and field.description:
+            return message, field.description
+        return message, f"add `{last}:` to {format_path(loc[:-1]) or 'the top level'}"
 
     if kind == "literal_error":
         allowed = literal_values(root, loc)
@@ -266,11 +285,28 @@ def describe_error(root: type[BaseModel], err: Mapping[str, Any]) -> tuple[str, 
                 hint = f"did you mean '{close[0]}'?"
         return message, hint
 
+    if kind == "invalid_key":  # _normalize moved the key out of loc into ctx
+        key = ctx.get("key")
+        keys = valid_keys(root, loc)
+        return (f"the key {describe_value(key)} is not a name: keys must be strings",
+                "valid keys: " + ", ".join(keys) if keys else "put quotes around it")
+
+    if kind == "dict_key":  # a key of a free-form mapping (labels, nccl_env) that is not a string
+        return f"the key {describe_value(ctx.get('key'))} must be a string", "put quotes around it"
+
     if kind in _EXPECTED:
         message = f"expected {_EXPECTED[kind]}, got {got}"
         hint = None
         if kind == "string_type" and isinstance(value, (int, float, bool)):
             hint = "put quotes around it to make it a string"
+        elif kind in ("int_type", "int_parsing", "float_type", "float_parsing") and isinstance(value, str) and _is_number(value):
+            hint = "remove the quotes (or the !!str tag): numbers are written without them"
+        elif kind in ("int_type", "float_type") and isinstance(value, bool):
+            hint = "write a number, not true/false"
+        elif kind in ("bool_type", "bool_parsing") and isinstance(value, str) and value.lower() in _YAML_1_1_BOOLS:
+            hint = "write true or false (yes/no/on/off are plain strings in YAML 1.2, which sana-ray reads)"
+        elif kind in ("bool_type", "bool_parsing") and isinstance(value, (int, float)):
+            hint = "write true or false"
         elif kind in ("list_type", "tuple_type") and isinstance(value, str):
             hint = "write a list, e.g. [a, b] or one '- item' per line"
         elif kind in ("model_type", "dict_type"):
@@ -302,13 +338,22 @@ def describe_error(root: type[BaseModel], err: Mapping[str, Any]) -> tuple[str, 
         words = "at least" if kind == "string_too_short" else "at most"
         return f"must be {words} {ctx.get(n_key)} characters long, got {got}", None
 
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
+        suggestion = suggest_name(value) if isinstance(value, str) else None
+        example = f"try '{suggestion}'" if suggestion and suggestion != value else "e.g. my-run.v2"
+        return f"{got} is not a valid name", f"a name has {NAME_RULE}; {example}"
+
     if kind == "string_pattern_mismatch":
         field = field_at(root, loc)
         hint = field.description if field is not None and field.description else None
         return f"{got} is not allowed here: it must match the pattern {ctx.get('pattern')}", hint
 
     if kind == "finite_number":
-        return f"expected a finite number, got {got}", None
+        return f"expected a finite number, got {got}", "NaN and infinity are not allowed; write a finite number"
+
+    if kind.startswith("sana_"):  # raised by the schema's own checks: "what is wrong; what to do"
+        message, _, hint = str(err.get("msg", "")).partition("; ")
+        return message, (hint or None)
 
     if kind in ("value_error", "assertion_error"):
         error = ctx.get("error")
@@ -324,10 +369,47 @@ def describe_error(root: type[BaseModel], err: Mapping[str, Any]) -> tuple[str, 
     return (text[:1].lower() + text[1:]) if text else kind, None
 
 
+_YAML_1_1_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _without_union_tags(root: type[BaseModel], loc: Loc) -> Loc:
+    """Drop the names pydantic gives the members of a union (``resolution.int``, ``resolution.float``):
+    they are not places in the manifest."""
+    out: list = []
+    for part in loc:
+        here = type_at(root, out)
+        if isinstance(part, str) and typing.get_origin(here) in (typing.Union, types.UnionType):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
 def _normalize(root: type[BaseModel], err: dict) -> dict:
-    """A fixed-length tuple given too few items is reported by pydantic as missing items
-    (``betas[1]: Field required``); report it on the list itself instead."""
+    """Reshape pydantic errors whose loc or type would mislead:
+
+    * union member names in the loc are dropped (``_union`` marks such errors: one is kept per path);
+    * a mapping key that is not a string (``1: x``) is reported on its mapping, naming the key
+      (pydantic's loc ends in the key, which reads like a list index); ``_where`` keeps the key's place;
+    * a fixed-length tuple given too few items is reported by pydantic as missing items
+      (``betas[1]: Field required``); report it on the list itself instead.
+    """
     loc = tuple(err.get("loc", ()))
+    stripped = _without_union_tags(root, loc)
+    if stripped != loc:
+        err = {**err, "loc": stripped, "_union": True}
+        loc = stripped
+    if err.get("type") == "invalid_key" and loc:
+        return {**err, "loc": loc[:-1], "_where": loc, "ctx": {"key": loc[-1]}}
+    if len(loc) >= 2 and loc[-1] == "[key]":
+        return {**err, "type": "dict_key", "loc": loc[:-2], "_where": loc[:-1], "ctx": {"key": loc[-2]}}
     value = err.get("input")
     if err.get("type") == "missing" and loc and isinstance(loc[-1], int) and isinstance(value, (list, tuple)):
         parent = type_at(root, loc[:-1])
@@ -357,6 +439,7 @@ def problems_from_validation_error(
     """
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
+    union_at: dict[str, int] = {}  # path -> index in problems of the error kept for a union there
     for err in exc.errors(include_url=False):
         err = _normalize(root, err)
         loc = tuple(err.get("loc", ()))
@@ -365,14 +448,20 @@ def problems_from_validation_error(
         override = override_for(loc)
         if override is not None:
             line, column = None, None
-            message += f" (set by override '{override}')"
+            message += f" (set by override '{shorten(override)}')"
         else:
-            line, column = position(loc, kind)
+            line, column = position(err.get("_where", loc), kind)
         path = format_path(loc)
         if (path, message) in seen:
             continue
         seen.add((path, message))
-        problems.append(Problem(file=file, line=line, column=column, path=path, message=message, hint=hint))
+        problem = Problem(file=file, line=line, column=column, path=path, message=message, hint=hint)
+        if err.get("_union") and path in union_at:  # every member failed: the last (the widest type) says it best
+            problems[union_at[path]] = problem
+            continue
+        if err.get("_union"):
+            union_at[path] = len(problems)
+        problems.append(problem)
     big = 1 << 62
     problems.sort(key=lambda p: (p.line if p.line is not None else big, p.column or 0))
     return problems

@@ -21,6 +21,15 @@ Generated from `sana_ray/manifest/schema.py` by `python -m sana_ray.manifest.ref
 edit by hand. Every section rejects unknown keys. Relative paths are relative to the manifest's
 folder. `sana-ray validate FILE` prints a manifest with every default below filled in, and
 `sana-ray schema` writes the JSON Schema for editor completion.
+
+Rules for every field (docs/security.md has the whole list): YAML is read safely and as YAML 1.2
+(only `true`/`false` are booleans: `yes`, `on` are strings); numbers are finite (no `.nan`,
+`.inf`) and integers fit in 64 bits; a boolean is not a number, a number is not a boolean and a
+quoted number is not a number; no string holds a NUL; paths are local (not URIs) and not empty;
+output and cache folders are not system folders (see `allow_system_dirs`). A manifest file is a
+regular file of at most 1 MiB, nesting at most 32 levels, at most 10,000 items per list or mapping
+and 50,000 values with aliases expanded. URIs with a password are refused in
+`mlflow_tracking_uri` and `ray_address`, and masked in everything sana-ray writes.
 """
 
 

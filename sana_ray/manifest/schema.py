@@ -16,11 +16,16 @@ This module imports nothing heavy: ``sana-ray validate`` must answer in well und
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sana_ray.manifest.names import NAME_PATTERN, NAME_RULE
+from sana_ray.manifest.values import INT_MAX, check_value
+from sana_ray.redaction import uri_credentials
 
 API_VERSION = "sana-ray/v1"
 
@@ -30,15 +35,28 @@ RESOLUTION_MULTIPLE = 32
 
 
 class Strict(BaseModel):
-    """Base for every manifest section: unknown keys are errors, values are validated on assignment."""
+    """Base for every manifest section: unknown keys are errors, values are validated on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    No NaN or infinity in any number, and no silent coercion that hides a mistake: a boolean is
+    not a number, a number is not a boolean, a quoted number is not a number; no NUL in a string,
+    no empty path or URI for a path (see ``values.check_value``).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_lax_coercion(cls, value: Any, info) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None:
+            check_value(value, field.annotation)
+        return value
 
 
 class Metadata(Strict):
-    name: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")] = Field(
-        description="Run name: lower-case letters, digits, '.', '_' and '-' (like a Kubernetes name). "
-        "Names the MLflow run and the output folder.",
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
+        description="Run name: lower-case letters, digits, '.', '_' and '-', starting and ending with a letter or "
+        "digit, at most 63 characters (like a Kubernetes name). Names the MLflow run and the output folder.",
     )
     description: str = ""
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form tags, copied to MLflow.")
@@ -105,7 +123,10 @@ class DatasetSpec(Strict):
     See docs/data.md for how each option changes the training images and for SimpleTuner's names.
     """
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
+        description="Names the dataset's cache folder and its metrics (eval_loss/<name>): the same rule as "
+        "metadata.name (" + NAME_RULE + ").",
+    )
     path: Path = Field(
         description="Folder of images (searched recursively). Relative paths are relative to the manifest. "
         "Not used (and not needed) by a dataset_type text_embeds entry."
@@ -196,6 +217,8 @@ class DatasetSpec(Strict):
     @field_validator("resolution")
     @classmethod
     def _resolution_in_units(cls, value: int | float, info) -> int | float:
+        if not math.isfinite(value):  # allow_inf_nan refuses these first; kept so int() below never raises
+            raise ValueError(f"expected a finite number, got {value}")
         if info.data.get("resolution_type") == "area":
             if not 0 < value <= 64:
                 raise ValueError(f"resolution_type 'area' takes megapixels (e.g. 1.0 or 0.25), got {value}")
@@ -424,7 +447,7 @@ def _hardware_defaults(data):
     if "num_workers" not in data and isinstance(nodes, list) and nodes:
         try:
             data["num_workers"] = sum(int(n.get("count", 1)) * int(n.get("gpus_per_node", 1)) for n in nodes)
-        except (AttributeError, TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError, OverflowError):
             pass  # a malformed pool: its own validation error says what is wrong
     if "use_gpu" not in data:
         names = [data.get("profile")] + [n.get("profile") for n in nodes or [] if isinstance(n, dict)]
@@ -450,6 +473,31 @@ class DeepSpeedSpec(Strict):
         "{zero_optimization: {reduce_bucket_size: 50000000}}). Batch sizes, precision and clipping come from "
         "`training` and cannot be overridden here.",
     )
+
+    @field_validator("overrides")
+    @classmethod
+    def _plain_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """DeepSpeed reads a JSON config: string keys, finite numbers (the YAML loader has already
+        refused recursive aliases, so this walk ends)."""
+        def visit(node: Any, where: str) -> None:
+            if isinstance(node, dict):
+                for key, child in node.items():
+                    if not isinstance(key, str):
+                        raise ValueError(f"overrides{where}: the key {key!r} must be a string; put quotes around it")
+                    visit(child, f"{where}.{key}")
+            elif isinstance(node, list):
+                for i, child in enumerate(node):
+                    visit(child, f"{where}[{i}]")
+            elif isinstance(node, float) and not math.isfinite(node):
+                raise ValueError(f"overrides{where} is {node}; DeepSpeed's config takes finite numbers only")
+            elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > INT_MAX:
+                raise ValueError(f"overrides{where} is too large; integers here are at most {INT_MAX}")
+            elif node is not None and not isinstance(node, (str, int, float, bool)):
+                raise ValueError(f"overrides{where}: {type(node).__name__} is not a JSON value; use strings, numbers, "
+                                 "true/false, lists and mappings")
+
+        visit(value, "")
+        return value
 
     @model_validator(mode="after")
     def _offload_params_needs_stage_3(self) -> "DeepSpeedSpec":
@@ -535,6 +583,14 @@ class HardwareSpec(Strict):
     def _fill_defaults(cls, data):
         return _hardware_defaults(data)
 
+    @field_validator("ray_address")
+    @classmethod
+    def _no_credentials_in_address(cls, value: str | None) -> str | None:
+        found = uri_credentials(value) if value else None
+        if found:
+            raise ValueError(f"must not contain {found}; Ray authenticates with RAY_AUTH_TOKEN from the environment")
+        return value
+
     @field_validator("nccl_env")
     @classmethod
     def _nccl_keys(cls, value: dict[str, str]) -> dict[str, str]:
@@ -585,9 +641,12 @@ class TrackingSpec(Strict):
     @field_validator("mlflow_tracking_uri")
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
-        if value and re.match(r"^[a-z+]+://[^/@]+:[^/@]+@", value):
+        found = uri_credentials(value) if value else None
+        if found:
             raise ValueError(
-                "must not contain a password; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment instead"
+                f"must not contain {found}; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN) in the environment instead (a database store: the driver's own, e.g. "
+                "PGPASSWORD or ~/.pgpass)"
             )
         return value
 
@@ -596,6 +655,12 @@ class OutputSpec(Strict):
     dir: Path = Field(default=Path("runs"), description="Parent folder; the run writes to <dir>/<metadata.name>. Relative to the manifest.")
     cache_dir: Path | None = Field(
         default=None, description="Latent and text-embedding caches. null: <dir>/cache (shared by runs under dir)."
+    )
+    allow_system_dirs: bool = Field(
+        default=False,
+        description="Allow output.dir and the cache folders to be the filesystem root or inside a system folder "
+        "(/etc, /usr, /var, /bin, /boot, /dev, /proc, /sys, /run, /lib, /sbin; /var/tmp and your home folder are "
+        "fine). false: such a folder (often a ../../.. too many) is refused.",
     )
 
 

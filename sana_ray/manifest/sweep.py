@@ -33,7 +33,7 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from .errors import ManifestError, Problem, format_path, problems_from_validation_error
+from .errors import ManifestError, Problem, format_path, problems_from_validation_error, shorten
 from .overrides import apply_override
 from .schema import API_VERSION, Manifest, Metadata, Spec, Strict
 
@@ -41,6 +41,8 @@ from .schema import API_VERSION, Manifest, Metadata, Spec, Strict
 # (built once per sweep, before the trials), and hardware is the per-trial scaling.
 SEARCHABLE_PREFIXES = ("training.",)
 DOMAIN_KINDS = ("loguniform", "uniform", "randint", "choice", "grid_search")
+# Each listed value is validated into the template before the sweep starts (check_space): ~1 ms each.
+MAX_DOMAIN_VALUES = 1000
 
 
 class Domain(Strict):
@@ -49,9 +51,12 @@ class Domain(Strict):
     loguniform: tuple[float, float] | None = Field(default=None, description="[low, high]: log-uniform, low > 0.")
     uniform: tuple[float, float] | None = Field(default=None, description="[low, high]: uniform.")
     randint: tuple[int, int] | None = Field(default=None, description="[low, high]: an integer, low <= n < high.")
-    choice: Annotated[list[Any], Field(min_length=1)] | None = Field(default=None, description="One of these, sampled.")
-    grid_search: Annotated[list[Any], Field(min_length=1)] | None = Field(
-        default=None, description="Every one of these (each combination of grid values is a trial, num_samples times)."
+    choice: Annotated[list[Any], Field(min_length=1, max_length=MAX_DOMAIN_VALUES)] | None = Field(
+        default=None, description=f"One of these, sampled (at most {MAX_DOMAIN_VALUES})."
+    )
+    grid_search: Annotated[list[Any], Field(min_length=1, max_length=MAX_DOMAIN_VALUES)] | None = Field(
+        default=None,
+        description=f"Every one of these (each combination of grid values is a trial, num_samples times; at most {MAX_DOMAIN_VALUES}).",
     )
 
     @model_validator(mode="after")
@@ -194,7 +199,8 @@ class Sweep(Strict):
 
 def path_segments(path: str) -> list[str | int]:
     """``training.optimizer.lr`` -> ["training", "optimizer", "lr"] (relative to the template spec)."""
-    return [int(p) if p.isdigit() else p for p in path.split(".")]
+    # (ASCII digits only, and short: int() refuses 4,300+ digits, and no list is that long anyway.)
+    return [int(p) if p.isascii() and p.isdigit() and len(p) <= 6 else p for p in path.split(".")]
 
 
 def trial_manifest_data(template: dict, values: dict[str, Any]) -> dict:
@@ -230,9 +236,9 @@ def check_space(sweep_data: dict, search: SearchSpec, file: str, position: Calla
             try:
                 Manifest.model_validate(trial_manifest_data(template, {path: value}))
             except ManifestError as error:
-                problems += [Problem(file, line, column, where, f"value {value!r}: {p.message}", p.hint) for p in error.problems]
+                problems += [Problem(file, line, column, where, f"value {shorten(repr(value))}: {p.message}", p.hint) for p in error.problems]
             except ValidationError as error:
                 for p in problems_from_validation_error(error, Manifest, file, lambda _loc, _kind: (None, None)):
                     problems.append(Problem(file, line, column, where,
-                                            f"{domain.kind} value {value!r} makes {p.path} invalid: {p.message}", p.hint))
+                                            f"{domain.kind} value {shorten(repr(value))} makes {p.path} invalid: {p.message}", p.hint))
     return problems
