@@ -233,6 +233,50 @@ def deepspeed_config(training: TrainingSpec, spec: DeepSpeedSpec, world_size: in
     return deep_merge(config, spec.overrides)
 
 
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint file holds objects that only unpickling (running arbitrary code) could rebuild."""
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes (besides tensors and plain data) that DeepSpeed 0.19 ZeRO checkpoints hold.
+
+    Listed with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on checkpoints of ZeRO
+    stages 1, 2 and 3, fp32 and bf16, with and without CPU offload: the ZeRO stage enum, the loss
+    scaler (static; the dynamic one of fp16 on GPUs), and the fragment addresses of stage 1/2's
+    parameter slice map. Each is rebuilt from its attributes; none runs code when loaded.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine whose ``load`` never unpickles; the rest is the wrapped engine's."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        import pickle
+
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as error:
+                reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                raise UnsafeCheckpoint(
+                    f"refusing to resume from {path}: it holds Python objects other than tensors and DeepSpeed's "
+                    f"own state ({reason[:300]}), and loading them would run code. sana-ray did not write this; "
+                    f"if you did not either, someone could write into the run folder. Delete that checkpoint "
+                    f"folder (or apply with --restart) and check who can write there."
+                ) from None
+
+
 class DeepSpeedStrategy(Strategy):
     def __init__(self, training: TrainingSpec, spec: DeepSpeedSpec, device: torch.device, world_size: int) -> None:
         super().__init__(training, device, world_size)
@@ -290,7 +334,21 @@ class DeepSpeedStrategy(Strategy):
         )
 
     def load(self, folder: Path) -> None:
-        path, client_state = self.engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        """Resume from ``folder``, reading every file with ``torch.load(weights_only=True)``.
+
+        DeepSpeed's own loader unpickles (``weights_only=False``): anyone able to write into the run
+        folder would get code run at the next ``apply``. Every file DeepSpeed 0.19 reads while
+        resuming goes through the engine's ``checkpoint_engine.load`` (the model states through
+        its SDLoader, the ZeRO shards directly), so for this call that engine is wrapped to load
+        tensors, plain data and the few DeepSpeed classes its checkpoints hold; anything else is
+        refused with :class:`UnsafeCheckpoint`.
+        """
+        inner = self.engine.checkpoint_engine
+        self.engine.checkpoint_engine = _WeightsOnlyLoads(inner)
+        try:
+            path, client_state = self.engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        finally:
+            self.engine.checkpoint_engine = inner
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder / DEEPSPEED_DIR}")
         self.lr_scheduler.load_state_dict(client_state["sana_ray_lr_scheduler"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 
 import pytest
@@ -247,3 +248,44 @@ def test_zero3_with_offload_gathers_full_weights_and_sharded_ema(process_group, 
     ckpt.load(tmp_path / "c", strategy=fresh, ema=None, rank=0)
     for name, value in fresh.full_state_dict().items():
         torch.testing.assert_close(value, full[name])
+
+
+class _RunsCodeWhenUnpickled:
+    """What an attacker would plant in a checkpoint: unpickling it creates ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_deepspeed_resume_reads_no_pickles(process_group, tmp_path):
+    """DeepSpeed's own loader unpickles every checkpoint file; ours loads them with weights_only=True.
+    A real ZeRO-1 bf16 checkpoint (another optimizer wrapper than the ZeRO-2/3 tests') resumes the
+    exact weights; the same checkpoint with a code-running object planted in either of its files
+    is refused with a clear error and the object's code never runs."""
+    from sana_ray.train.strategy import UnsafeCheckpoint, deepspeed_safe_globals
+
+    training = TrainingSpec(steps=2, optimizer={"lr": 1e-2}, mixed_precision="bf16")
+    strategy = _strategy(training, _ds(1))
+    _train(strategy, 1)
+    strategy.save(tmp_path / "c", rank=0)
+    fresh = _strategy(training, _ds(1), seed=5)
+    fresh.load(tmp_path / "c")
+    assert all(torch.equal(v, _weights(strategy)[k]) for k, v in _weights(fresh).items())
+
+    files = sorted((tmp_path / "c").rglob("*.pt"))
+    assert {f.name.split("_")[-1] for f in files} == {"states.pt"} and len(files) == 2  # model + ZeRO optimizer
+    for planted in files:
+        marker = tmp_path / f"ran-{planted.name}"
+        folder = tmp_path / f"evil-{planted.name}"
+        shutil.copytree(tmp_path / "c", folder)
+        target = folder / planted.relative_to(tmp_path / "c")
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            state = torch.load(target, weights_only=True)
+        state["planted"] = _RunsCodeWhenUnpickled(str(marker))
+        torch.save(state, target)
+        with pytest.raises(UnsafeCheckpoint, match="refusing to resume from .*would run code"):
+            _strategy(training, _ds(1), seed=6).load(folder)
+        assert not marker.exists()
