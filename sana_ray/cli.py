@@ -19,6 +19,12 @@ from sana_ray import __version__
 LOOPBACK = "127.0.0.1"
 
 
+def _redacted(error: BaseException) -> str:
+    from sana_ray.redaction import redact_text
+
+    return redact_text(str(error))
+
+
 def _load(path: str, overrides: list[str]):
     """Load and validate a manifest, or print the problems and exit 1 (never a traceback)."""
     from sana_ray.manifest import ManifestError, load_manifest
@@ -65,7 +71,7 @@ def _validate_data(manifest, path: str) -> int:
     try:
         print_discovery_report(discover_datasets(manifest.spec.datasets), manifest.spec)
     except (DataError, SamplerError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_redacted(error)}", file=sys.stderr)
         return 1
     print(f"# {path}: valid; data checked", file=sys.stderr)
     return 0
@@ -86,10 +92,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
         return apply(manifest, restart=args.restart)
     except (DataError, SamplerError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_redacted(error)}", file=sys.stderr)
         return 1
     except PlanError as error:  # hardware.strategy: auto with nothing that fits
-        print(f"{args.manifest}: {error}", file=sys.stderr)
+        print(f"{args.manifest}: {_redacted(error)}", file=sys.stderr)
         return 1
 
 
@@ -114,9 +120,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan = make_plan(manifest, profile=args.profile, model=args.model, strategy=args.strategy,
                          mfu=args.mfu, max_comm_fraction=args.max_comm)
     except PlanError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_redacted(error)}", file=sys.stderr)
         return 1
     render(plan)
+    if plan.best() is None:  # scripts (`sana-ray plan m.yaml && sana-ray apply m.yaml`) must see it
+        print(f"{args.manifest}: no strategy fits this hardware (see the verdict above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -172,11 +172,31 @@ class SanaShape:
         return self.layers * per_block + outside
 
 
+def _read_config(path: Path) -> dict | None:
+    """A transformer config.json, or None when there is none; PlanError when it cannot be used.
+
+    ``model.pretrained`` is any string a user wrote: a name too long for the filesystem or a
+    folder we may not read is "no config here", not a traceback."""
+    try:
+        if not path.is_file():
+            return None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ENAMETOOLONG, EACCES, ...; ValueError: bad JSON or UTF-8
+        return None
+    if not isinstance(config, dict):
+        raise PlanError(f"model.pretrained: {path} is not a transformer config (a JSON object)")
+    return config
+
+
 def _hub_cache_config(repo_id: str) -> dict | None:
     root = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
     folder = root / ("models--" + repo_id.replace("/", "--")) / "snapshots"
-    for config in sorted(folder.glob("*/transformer/config.json")) if folder.is_dir() else []:
-        return json.loads(config.read_text())
+    try:
+        configs = sorted(folder.glob("*/transformer/config.json")) if folder.is_dir() else []
+    except (OSError, ValueError):
+        return None
+    for config in configs:
+        return _read_config(config)
     return None
 
 
@@ -189,16 +209,22 @@ def model_shape(pretrained: str, model: str | None = None) -> SanaShape:
         return SanaShape.from_config("tiny (random)", TRANSFORMER_CONFIG, 2 ** (len(VAE_CONFIG["encoder_block_out_channels"]) - 1))
     if key.lower() in KNOWN_MODELS:
         return SanaShape.from_config(key.lower(), KNOWN_MODELS[key.lower()])
-    local = Path(key) / "transformer" / "config.json"
-    config = json.loads(local.read_text()) if local.is_file() else _hub_cache_config(key) if "/" in key else None
+    config = _read_config(Path(key) / "transformer" / "config.json")
+    if config is None and "/" in key:
+        config = _hub_cache_config(key)
     if config is not None:
-        return SanaShape.from_config(key, config)
+        try:
+            return SanaShape.from_config(key, config)
+        except (KeyError, TypeError, ValueError) as error:
+            raise PlanError(f"model.pretrained: the transformer config of '{key[:100]}' is not a Sana one ({error!r}); "
+                            f"pass --model sana-600m or --model sana-1600m") from None
     if re.search(r"1600M|1\.6B", key, re.IGNORECASE):
         return SanaShape.from_config(f"{key} (Sana 1.6B config)", SANA_1600M)
     if re.search(r"600M|0\.6B", key, re.IGNORECASE):
         return SanaShape.from_config(f"{key} (Sana 600M config)", SANA_600M)
+    shown = key if len(key) <= 100 else f"{key[:60]}...{key[-20:]}"
     raise PlanError(
-        f"model.pretrained: cannot tell the transformer's size of '{key}' (no transformer/config.json there or in "
+        f"model.pretrained: cannot tell the transformer's size of '{shown}' (no transformer/config.json there or in "
         f"the Hugging Face cache); pass --model sana-600m or --model sana-1600m"
     )
 

@@ -305,3 +305,17 @@ def test_apply_with_strategy_auto_that_fits_nothing_stops_before_training_with_t
     assert result.returncode == 1, result.stdout + result.stderr
     assert "hardware.strategy: auto found nothing that fits" in result.stderr and "Traceback" not in result.stderr
     assert str(SANA_1600M) in result.stderr
+
+
+def test_plan_exits_1_when_nothing_fits_and_names_an_unusable_model_without_a_traceback(capsys):
+    from sana_ray.cli import main
+
+    huge = [str(SANA_1600M), "hardware.profile=rtx4090", "hardware.strategy=auto", "training.batch_size=64",
+            "training.gradient_checkpointing=false"]
+    assert main(["plan", *huge]) == 1  # `sana-ray plan m.yaml && sana-ray apply m.yaml` stops here
+    captured = capsys.readouterr()
+    assert "NOTHING FITS" in captured.out and "no strategy fits this hardware" in captured.err
+    # A name longer than the filesystem takes (the local-folder check used to raise "File name too long").
+    assert main(["plan", str(SANA_1600M), "hardware.profile=rtx4090", "model.pretrained=" + "x" * 5000]) == 1
+    err = capsys.readouterr().err
+    assert "cannot tell the transformer's size of 'xxx" in err and "--model sana-600m" in err and len(err) < 1000
