@@ -379,9 +379,19 @@ def apply_sweep(sweep: Sweep, *, restart: bool = False) -> int:
     return 0
 
 
+# Tune saves its experiment state (which trials have finished: what a resume skips) at most every
+# TUNE_GLOBAL_CHECKPOINT_S seconds, 10 s by default in Ray 2.60 ("auto"): a sweep killed within 10 s
+# of a trial finishing ran that whole trial again on resume. One second makes the window that small
+# for the cost of a small JSON write per second (the state of a few trials).
+EXPERIMENT_STATE_PERIOD_S = "1"
+
+
 def _run_tuner(sweep: Sweep, ctx: dict, tune_path: Path, concurrency: int):
+    import os
+
     from ray import tune
 
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)  # read by Tune's controller
     search = sweep.spec.search
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_CPU})
     if tune.Tuner.can_restore(str(tune_path)):

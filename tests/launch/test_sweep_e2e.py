@@ -72,6 +72,18 @@ def _trial_outcomes(trials_dir: Path) -> dict[str, dict]:
     return outcomes
 
 
+def _tune_recorded_a_finished_trial(tune_dir: Path) -> bool:
+    """Whether Tune's saved experiment state lists a TERMINATED trial."""
+    for path in tune_dir.glob("attempt-*/experiment_state-*.json"):
+        try:
+            trials = [json.loads(entry[0]) for entry in json.loads(path.read_text())["trial_data"]]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue  # being written
+        if any(trial.get("status") == "TERMINATED" for trial in trials):
+            return True
+    return False
+
+
 @pytest.fixture(scope="module")
 def sweep_run(ray_local, tmp_path_factory):
     """The sweep is interrupted and resumed: `sana-ray apply` runs in a subprocess until the first
@@ -102,7 +114,9 @@ def sweep_run(ray_local, tmp_path_factory):
                                    start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.time() + 900  # ~1.5 min on an idle 2-core machine
     try:
-        while len(_trial_outcomes(trials_dir)) < 2:  # trials run one at a time: the first has finished
+        # Trials run one at a time: the second has started, so the first has finished; and Tune has
+        # saved that in its experiment state (what a resume reads; within ~1 s, see launch/sweep.py).
+        while len(_trial_outcomes(trials_dir)) < 2 or not _tune_recorded_a_finished_trial(root / "tune"):
             assert process.poll() is None, f"the sweep ended before it could be interrupted:\n{log.read_text()[-3000:]}"
             assert time.time() < deadline, f"no second trial within 900 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)

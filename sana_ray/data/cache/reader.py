@@ -50,6 +50,7 @@ TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float
 DECODE_THREADS = 8  # online images decoded in parallel per batch (PIL releases the GIL)
 MAX_OPEN_FILES = 64  # shard files kept open per reading thread (a real dataset has thousands)
 READ_THREADS = 4  # reads in flight per reader
+PARALLEL_READ_BYTES = 1 << 20  # batches smaller than this are read by one thread
 DATA_DOC = "docs/data.md (multi-node: shared storage)"
 
 
@@ -150,8 +151,8 @@ class CacheReader:
     def _read(self, jobs: list[tuple[str, int, torch.Tensor]]) -> None:
         """Do these reads, READ_THREADS at a time: on a network file system or a cold disk the
         latency of one read, not the bandwidth, limits a single reader."""
-        if len(jobs) < 2:
-            for job in jobs:
+        if len(jobs) < 2 or sum(out.nbytes for _, _, out in jobs) < PARALLEL_READ_BYTES:
+            for job in jobs:  # small batches: thread hand-offs would cost more than the reads
                 self._read_one(job)
             return
         if self._pool is None or self._pool_pid != os.getpid():  # a forked child has none of the parent's threads
