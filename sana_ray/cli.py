@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--profile", help="size against this GPU profile instead of hardware.profile "
                    "(rtx4090, a6000, l40s, a100-40g, a100-80g, h100, cpu)")
-    p.add_argument("--model", help="transformer size when model.pretrained does not tell: sana-600m, sana-1600m, tiny")
+    p.add_argument("--model", help="transformer size when model.pretrained does not tell: sana-600m, sana-1600m, "
+                   "sana15-1600m, sana15-4800m, tiny, tiny-sana15")
     p.add_argument("--strategy", help="auto (the fastest that fits) or ddp, zero1, zero2, zero2-offload, zero3, "
                    "zero3-offload, zero3-offload-all (default: hardware.strategy)")
     p.add_argument("--mfu", type=float, default=0.25, help="assumed model FLOPs utilisation (default 0.25, measured on an H200)")

@@ -41,6 +41,12 @@ Compute per sample (forward, FLOPs; the 6·N·tokens rule written out for Sana's
         ones it is busy and the FLOPs rate sets the pace.
     optimizer step = local parameters x 64 bytes / the profile's memory bandwidth (clip + fused
         AdamW read and write weights, gradients and both moments; 21 ms for 1.6B on an H200).
+    scheduled sampling (training.scheduled_sampling, model.rollout) adds forward-only passes:
+        r = probability x E[k] sample-forwards per sample and c = E[max_b k_b] forward calls per
+        micro-batch (exact expectations of its offset distribution, model.rollout.expected_rollout);
+        time per micro-batch += max(B x r x forward FLOPs / (TFLOPS x MFU),
+                                    c x layers x LAUNCH_S_PER_BLOCK x ROLLOUT_LAUNCH_FRACTION)
+        (a forward launches about a third of a training step's kernels: assumed, not measured).
 
 Communication per optimizer step (ring collectives, bytes each GPU sends)
     ddp:    2(n-1)/n x 4P once per step (fp32 gradients; accumulation runs under no_sync)
@@ -75,6 +81,7 @@ ACT_BYTES_PER_TOKEN_DIM = 87  # activations kept per block, per image token, per
 CHECKPOINT_BYTES_PER_TOKEN_DIM = 2  # with gradient checkpointing: each block's (bf16) input
 LAUNCH_S_PER_BLOCK = 7.6e-3  # forward + backward of one block when kernel launches, not the GPU, set the pace
 CHECKPOINT_LAUNCH_FACTOR = 1.5  # the recomputed forward launches its kernels again
+ROLLOUT_LAUNCH_FRACTION = 1 / 3  # a rollout forward (no backward) vs a block's forward + backward (assumed)
 OPTIMIZER_BYTES_PER_PARAM = 64  # clip + fused AdamW: device memory traffic per parameter per step
 CPU_ADAM_PARAMS_PER_S = 0.5e9  # DeepSpeed's CPU Adam, per worker (assumed)
 DEFAULT_MAX_COMM_FRACTION = 0.2
@@ -88,7 +95,12 @@ SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, atten
 SANA_600M = dict(in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=28,
                  num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152,
                  caption_channels=2304, mlp_ratio=2.5, patch_size=1)
-KNOWN_MODELS = {"sana-600m": SANA_600M, "sana-1600m": SANA_1600M}
+# Sana 1.5 (diffusers' SANA1.5_1.6B_1024px_diffusers / SANA1.5_4.8B_1024px_diffusers, converted from NVlabs'
+# SanaMS1.5_1600M_P1_D20 / SanaMS_4800M_P1_D60): Sana 1.6B's blocks with qk norm; the 4.8B has 60 of them.
+SANA15_1600M = SANA_1600M | dict(qk_norm="rms_norm_across_heads")
+SANA15_4800M = SANA15_1600M | dict(num_layers=60)
+KNOWN_MODELS = {"sana-600m": SANA_600M, "sana-1600m": SANA_1600M, "sana15-1600m": SANA15_1600M,
+                "sana15-4800m": SANA15_4800M}
 
 
 class PlanError(Exception):
@@ -114,6 +126,7 @@ class SanaShape:
     out_channels: int
     patch: int
     downsample: int  # VAE spatial factor
+    qk_norm: bool = False  # Sana 1.5: RMSNorm over all heads of q and k, in both attentions
 
     @classmethod
     def from_config(cls, name: str, config: dict, downsample: int = DC_AE_DOWNSAMPLE) -> "SanaShape":
@@ -134,6 +147,7 @@ class SanaShape:
             out_channels=config.get("out_channels") or config.get("in_channels", 32),
             patch=config.get("patch_size", 1),
             downsample=downsample,
+            qk_norm=bool(config.get("qk_norm")),
         )
 
     @property
@@ -142,7 +156,8 @@ class SanaShape:
         self_attn = 4 * D * D + D  # q, k, v without bias; out with bias
         cross_attn = D * Dc + Dc + 2 * (self.cross_in * Dc + Dc) + Dc * D + D
         feed_forward = (D * 2 * H + 2 * H) + (2 * H * 9 + 2 * H) + H * D  # GLUMBConv
-        return self_attn + cross_attn + feed_forward + 6 * D  # + scale_shift_table
+        qk_norm = 2 * D + 2 * Dc if self.qk_norm else 0  # norm_q, norm_k weights of attn1 (D) and attn2 (Dc)
+        return self_attn + cross_attn + feed_forward + qk_norm + 6 * D  # + scale_shift_table
 
     @property
     def params(self) -> int:
@@ -201,12 +216,13 @@ def _hub_cache_config(repo_id: str) -> dict | None:
 
 
 def model_shape(pretrained: str, model: str | None = None) -> SanaShape:
-    """The transformer's shape for ``model.pretrained`` (or ``model``: sana-600m, sana-1600m, tiny)."""
+    """The transformer's shape for ``model.pretrained`` (or ``model``: sana-600m, sana-1600m,
+    sana15-1600m, sana15-4800m, tiny, tiny-sana15)."""
     key = (model or pretrained).strip()
-    if key == "tiny":
-        from sana_ray.model.tiny import TRANSFORMER_CONFIG, VAE_CONFIG  # plain dicts; the module imports no torch
+    from sana_ray.model.tiny import PRESETS, VAE_CONFIG  # plain dicts; the module imports no torch
 
-        return SanaShape.from_config("tiny (random)", TRANSFORMER_CONFIG, 2 ** (len(VAE_CONFIG["encoder_block_out_channels"]) - 1))
+    if key in PRESETS:
+        return SanaShape.from_config(f"{key} (random)", PRESETS[key][1], 2 ** (len(VAE_CONFIG["encoder_block_out_channels"]) - 1))
     if key.lower() in KNOWN_MODELS:
         return SanaShape.from_config(key.lower(), KNOWN_MODELS[key.lower()])
     config = _read_config(Path(key) / "transformer" / "config.json")
@@ -217,7 +233,12 @@ def model_shape(pretrained: str, model: str | None = None) -> SanaShape:
             return SanaShape.from_config(key, config)
         except (KeyError, TypeError, ValueError) as error:
             raise PlanError(f"model.pretrained: the transformer config of '{key[:100]}' is not a Sana one ({error!r}); "
-                            f"pass --model sana-600m or --model sana-1600m") from None
+                            f"pass --model sana-600m, sana-1600m, sana15-1600m or sana15-4800m") from None
+    if re.search(r"sana[\s_-]*1[._-]5", key, re.IGNORECASE):  # SANA1.5_4.8B_..., Sana1-5_1600M_...
+        if re.search(r"4800M|4\.8B", key, re.IGNORECASE):
+            return SanaShape.from_config(f"{key} (Sana 1.5 4.8B config)", SANA15_4800M)
+        if re.search(r"1600M|1\.6B", key, re.IGNORECASE):
+            return SanaShape.from_config(f"{key} (Sana 1.5 1.6B config)", SANA15_1600M)
     if re.search(r"1600M|1\.6B", key, re.IGNORECASE):
         return SanaShape.from_config(f"{key} (Sana 1.6B config)", SANA_1600M)
     if re.search(r"600M|0\.6B", key, re.IGNORECASE):
@@ -225,7 +246,7 @@ def model_shape(pretrained: str, model: str | None = None) -> SanaShape:
     shown = key if len(key) <= 100 else f"{key[:60]}...{key[-20:]}"
     raise PlanError(
         f"model.pretrained: cannot tell the transformer's size of '{shown}' (no transformer/config.json there or in "
-        f"the Hugging Face cache); pass --model sana-600m or --model sana-1600m"
+        f"the Hugging Face cache); pass --model sana-600m, sana-1600m, sana15-1600m or sana15-4800m"
     )
 
 
@@ -372,6 +393,9 @@ class Plan:
     strategies: dict[str, StrategyPlan]
     env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rollout_forwards: float = 0.0  # scheduled sampling: expected forward passes per sample (forward only)
+    rollout_calls: float = 0.0  # ... and forward calls per micro-batch
+    rollout_s: float = 0.0  # ... and their time per micro-batch (included in micro_s)
 
     @property
     def flops_per_sample(self) -> float:
@@ -503,6 +527,8 @@ def make_plan(manifest, *, profile: str | None = None, model: str | None = None,
     launch_s = shape.layers * LAUNCH_S_PER_BLOCK * (CHECKPOINT_LAUNCH_FACTOR if training.gradient_checkpointing else 1)
     micro_s = max(max(batch * flops / (p.profile.tflops(precision) * 1e12 * mfu), launch_s if p.profile.gpu else 0.0)
                   for p in pools)
+    rollout_forwards, rollout_calls, rollout_s = _rollout_cost(training, shape, tokens, text_tokens, pools, precision, mfu)
+    micro_s += rollout_s
 
     plans: dict[str, StrategyPlan] = {}
     for s in STRATEGIES.values():
@@ -540,7 +566,25 @@ def make_plan(manifest, *, profile: str | None = None, model: str | None = None,
     return Plan(model=shape, params=shape.params, resolution=resolution, tokens=tokens, text_tokens=text_tokens,
                 batch_size=batch, accumulation=accumulation, checkpointing=training.gradient_checkpointing,
                 precision=precision, world=world, pools=pools, link=link, link_assumed=assumed, bandwidth=bandwidth,
-                mfu=mfu, max_comm_fraction=max_comm_fraction, declared=declared, strategies=plans, env=env, notes=notes)
+                mfu=mfu, max_comm_fraction=max_comm_fraction, declared=declared, strategies=plans, env=env, notes=notes,
+                rollout_forwards=rollout_forwards, rollout_calls=rollout_calls, rollout_s=rollout_s)
+
+
+def _rollout_cost(training, shape: SanaShape, tokens: int, text_tokens: int, pools: list[Pool], precision: str,
+                  mfu: float) -> tuple[float, float, float]:
+    """Scheduled sampling's ``(forwards per sample, forward calls per micro-batch, seconds per
+    micro-batch)`` at its final probability (after any ramp); zeros when it is off."""
+    from sana_ray.model.rollout import expected_rollout  # pure Python at import
+
+    spec = getattr(training, "scheduled_sampling", None)
+    if spec is None or spec.max_step_offset <= 0 or spec.probability <= 0:
+        return 0.0, 0.0, 0.0
+    per_sample, calls = expected_rollout(spec.max_step_offset, spec.strategy, spec.probability, training.batch_size)
+    forward = shape.forward_flops(tokens, text_tokens)
+    launch = calls * shape.layers * LAUNCH_S_PER_BLOCK * ROLLOUT_LAUNCH_FRACTION
+    seconds = max(max(training.batch_size * per_sample * forward / (p.profile.tflops(precision) * 1e12 * mfu),
+                      launch if p.profile.gpu else 0.0) for p in pools)
+    return per_sample, calls, seconds
 
 
 # --------------------------------------------------------------------------------------
@@ -606,6 +650,11 @@ def render(plan: Plan, console=None) -> None:
                   f"{plan.precision}; gradient checkpointing {'on' if plan.checkpointing else 'off'}")
     console.print(f"pools: {pools}; between nodes: {link}; ring bandwidth {plan.bandwidth / 1e9:.1f} GB/s")
     console.print(f"compute: {plan.flops_per_sample / 1e12:.2f} TFLOP per sample (training), MFU assumed {plan.mfu:.0%}")
+    if plan.rollout_calls:
+        forward = plan.model.forward_flops(plan.tokens, plan.text_tokens)
+        console.print(f"scheduled sampling: {plan.rollout_calls:.1f} rollout forward calls per micro-batch "
+                      f"({plan.rollout_forwards:.2f} per sample, +{plan.rollout_forwards * forward / 1e12:.2f} TFLOP), "
+                      f"+{_seconds(plan.rollout_s)} per micro-batch (in the times below)")
     for note in plan.notes:
         console.print(f"[yellow]note[/]: {note}")
 

@@ -26,10 +26,12 @@ from sana_ray.plan import PlanError, declared_strategy, make_plan, model_shape
 
 REPO = Path(__file__).resolve().parents[1]
 SANA_1600M = REPO / "manifests" / "sana-1600m-1024.yaml"
+SANA15_4800M_L40S = REPO / "manifests" / "sana15-4800m-1024-l40s.yaml"
 QUICKSTART = REPO / "manifests" / "quickstart.yaml"
 GIB = 2**30
 P16 = 1_604_462_752
 P06 = 591_747_872
+P48 = 4_721_825_952  # Sana 1.5 "4.8B" as diffusers builds it (checked below)
 
 
 def plan_for(*overrides: str, **kwargs):
@@ -41,15 +43,20 @@ def test_parameter_counts_match_diffusers():
     torch = pytest.importorskip("torch")
     from diffusers import SanaTransformer2DModel
 
-    from sana_ray.model.tiny import TRANSFORMER_CONFIG
-    from sana_ray.plan import SANA_600M, SANA_1600M as CONFIG_1600M
+    from sana_ray.model.tiny import TRANSFORMER_CONFIG, TRANSFORMER_CONFIG_SANA15
+    from sana_ray.plan import SANA15_1600M, SANA15_4800M, SANA_600M, SANA_1600M as CONFIG_1600M
 
-    for name, config in (("sana-600m", SANA_600M), ("sana-1600m", CONFIG_1600M), ("tiny", TRANSFORMER_CONFIG)):
+    for name, config in (("sana-600m", SANA_600M), ("sana-1600m", CONFIG_1600M), ("tiny", TRANSFORMER_CONFIG),
+                         ("sana15-1600m", SANA15_1600M), ("sana15-4800m", SANA15_4800M),
+                         ("tiny-sana15", TRANSFORMER_CONFIG_SANA15)):
         with torch.device("meta"):
             model = SanaTransformer2DModel(**config)
         assert model_shape("x", name).params == sum(p.numel() for p in model.parameters()), name
     assert model_shape("x", "sana-1600m").params == P16
     assert model_shape("x", "sana-600m").params == P06
+    # qk norm adds its RMSNorm weights: 2 x 2240 (self-attention) + 2 x 2240 (cross) per block.
+    assert model_shape("x", "sana15-1600m").params == P16 + 20 * 4 * 2240
+    assert model_shape("x", "sana15-4800m").params == P48
 
 
 def test_model_size_comes_from_the_pretrained_name_or_a_local_config(tmp_path):
@@ -60,6 +67,10 @@ def test_model_size_comes_from_the_pretrained_name_or_a_local_config(tmp_path):
                                                           '"num_cross_attention_heads": 16, "cross_attention_head_dim": 72, '
                                                           '"cross_attention_dim": 1152}')
     assert model_shape(str(tmp_path)).params == P06
+    # Sana 1.5 by its hub names (before the 1.6B rule, which "SANA1.5_1.6B" would also match).
+    assert model_shape("Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers").params == P48
+    assert model_shape("Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers").qk_norm
+    assert not model_shape("Efficient-Large-Model/Sana_1600M_1024px_diffusers").qk_norm
     with pytest.raises(PlanError, match="--model sana-600m"):
         model_shape("someone/mystery-model")
 
@@ -319,3 +330,36 @@ def test_plan_exits_1_when_nothing_fits_and_names_an_unusable_model_without_a_tr
     assert main(["plan", str(SANA_1600M), "hardware.profile=rtx4090", "model.pretrained=" + "x" * 5000]) == 1
     err = capsys.readouterr().err
     assert "cannot tell the transformer's size of 'xxx" in err and "--model sana-600m" in err and len(err) < 1000
+
+
+def test_sana15_4800m_on_four_l40s_needs_zero_and_zero1_is_what_auto_picks():
+    plan = make_plan(load_manifest(SANA15_4800M_L40S))
+    assert plan.params == P48 and plan.model.layers == 60 and plan.world == 4 and plan.precision == "bf16"
+    # DDP: 20P = 94.4e9 B = 87.9 GiB of static memory alone: no.
+    assert not plan.strategies["ddp"].fits
+    # ZeRO-1: bf16 weights 2P + bf16 grads 2P + 12P/4 = 7P = 33.05e9 B, plus activations with checkpointing,
+    # batch 2: 2 x (60 x 2 x 1024 x 2240 + 87 x 1024 x 2240 + 4 x 300 x 2240) = 2 x 477,496,320 B -> 31.67 GiB.
+    zero1 = plan.strategies["zero1"].memory["all"]
+    assert zero1.activations == 2 * 477_496_320
+    assert zero1.peak == pytest.approx(7 * P48 + 2 * 477_496_320) and zero1.peak / GIB == pytest.approx(31.67, abs=0.01)
+    assert plan.declared == "zero1" and plan.chosen.fits and plan.best() is plan.chosen
+    # Its per-step gradient exchange (2 x 3/4 x 2P = 14.2 GB at 25.2 GB/s) is 15% of the step with 4 micro-batches.
+    assert plan.chosen.comm_fraction < plan.max_comm_fraction
+
+
+def test_scheduled_sampling_adds_its_forward_passes_to_the_step():
+    base = ("hardware.profile=rtx4090", "training.batch_size=1", "training.gradient_accumulation_steps=1")
+    plain = plan_for(*base)
+    rolled = plan_for(*base, "training.scheduled_sampling.max_step_offset=10", "training.scheduled_sampling.probability=1")
+    # Uniform k in 0..10, every sample: E[k] = 5 forwards per sample; batch 1: 5 forward calls per micro-batch.
+    assert (rolled.rollout_forwards, rolled.rollout_calls) == (pytest.approx(5.0), pytest.approx(5.0))
+    # 5 x 2.966e12 FLOP / 41.3e12 FLOP/s = 0.3591 s (above its launch floor 5 x 20 x 7.6 ms / 3 = 0.253 s).
+    assert rolled.rollout_s == pytest.approx(5 * 2_966_477_660_160 / (165.2e12 * 0.25)) == pytest.approx(0.3591, abs=1e-4)
+    ddp, ddp0 = rolled.strategies["ddp"], plain.strategies["ddp"]
+    assert ddp.micro_s == pytest.approx(ddp0.micro_s + rolled.rollout_s)
+    assert ddp.memory["all"].peak == ddp0.memory["all"].peak  # no stored activations (no gradients)
+    assert plain.rollout_s == 0 and plain.rollout_calls == 0
+    # Half the samples, biased_early: r = 0.5 x E[round(r^2 10)] = 0.5 x 3.316 forwards per sample.
+    half = plan_for(*base, "training.scheduled_sampling.max_step_offset=10", "training.scheduled_sampling.probability=0.5",
+                    "training.scheduled_sampling.strategy=biased_early")
+    assert half.rollout_forwards == pytest.approx(0.5 * 3.31616, abs=1e-4)

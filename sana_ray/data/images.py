@@ -16,6 +16,11 @@ execute it (:func:`load_prepared`). The rules:
 5. resize (Lanczos) to cover the output size, then crop it (``crop_style``: center, corner = top-left,
    random = a place fixed per image, seeded by its path);
 6. scale to float32 in [-1, 1], shape [3, H, W].
+
+A loss mask (``datasets[].mask_path``) goes through the same geometry (:func:`load_mask`): its
+own EXIF orientation, then the image's downsample, resize (Lanczos) and crop box, so that mask
+pixel (x, y) covers image pixel (x, y); it is then averaged down to the latent grid (area
+interpolation, as SimpleTuner and kohya's sd-scripts resize masks to the latents).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ DEFAULT_ASPECT_BUCKETS: tuple[float, ...] = (0.5, 0.5625, 0.6667, 0.75, 1.0, 1.3
 
 # Bump when the pixel pipeline changes: it is part of the latent cache key.
 PIXELS_VERSION = 2
+# Bump when the mask pipeline (load_mask) changes: it is part of the mask cache key.
+MASKS_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -262,3 +269,52 @@ def load_pixels(path: str, resolution: int | float, crop: bool = True, options: 
     with Image.open(path) as image:
         width, height = oriented_size(image)
     return load_prepared(path, plan_geometry(width, height, options, path))
+
+
+# --------------------------------------------------------------------------------------------
+# Loss masks
+
+
+def to_mask_gray(image: "Image.Image") -> "Image.Image":
+    """8-bit greyscale of a mask image: its luma for colour images, the value for greyscale ones
+    (16-bit scaled, not clipped); alpha is ignored (white = train, black = ignore)."""
+    if image.mode == "L":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return image.point(lambda v: v * (1 / 256)).convert("L")
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        image = image.convert("RGB" if image.mode.startswith("RGB") else "L")
+    return image.convert("L")
+
+
+def load_mask(path: str, geometry: Geometry, factor: int) -> "torch.Tensor":
+    """The mask at ``path`` through the image's ``geometry``, averaged down by ``factor`` (the VAE's
+    spatial downsampling) to the latent grid: float32 ``[1, H / factor, W / factor]`` in [0, 1].
+
+    The mask's own EXIF orientation is applied first (a mask need not be stored like its image;
+    its displayed size must equal the image's, which discovery checks). Resizing uses the image's
+    filter (Lanczos) on the 8-bit mask, so edges land where the image's do; the latent-grid value
+    is the mean of the mask over the ``factor x factor`` pixels each latent covers (area
+    interpolation), so an all-white mask is exactly 1 everywhere and an all-black one exactly 0.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.load()
+        mask = to_mask_gray(ImageOps.exif_transpose(image) or image)
+    if geometry.downsample and geometry.downsample != mask.size:
+        mask = mask.resize(geometry.downsample, resample=Image.Resampling.LANCZOS)
+    if geometry.resize != mask.size:
+        mask = mask.resize(geometry.resize, resample=Image.Resampling.LANCZOS)
+    if geometry.box != (0, 0, *mask.size):
+        mask = mask.crop(geometry.box)
+    width, height = geometry.size
+    if mask.size != (width, height) or width % factor or height % factor:
+        raise ValueError(f"mask {path}: prepared size {mask.size[0]}x{mask.size[1]} does not fit the image's "
+                         f"{width}x{height} / {factor}")
+    values = torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy()).to(torch.float32) / 255.0  # [H, W]
+    pooled = F.interpolate(values[None, None], size=(height // factor, width // factor), mode="area")
+    return pooled[0].contiguous()  # [1, h, w]

@@ -37,6 +37,9 @@ TOO_SMALL = "too small"
 TOO_LARGE = "too large (decompression bomb)"
 MISSING_CAPTION = "missing caption"
 NOT_FOUND = "metadata row without image"
+MISSING_MASK = "missing mask"  # mask_path has no mask named like the image
+UNREADABLE_MASK = "unreadable mask"  # the mask file is empty, not an image, or damaged
+MASK_MISMATCH = "mask size mismatch"  # the mask's displayed size differs from the image's
 
 
 class DataError(Exception):
@@ -51,6 +54,7 @@ class Sample:
     captions: tuple[str, ...] = ()  # every caption choice (textfile lines, metadata lists); () = (caption,)
     size: tuple[int, int] = (0, 0)  # (W, H) as displayed (EXIF orientation applied)
     geometry: Geometry | None = None
+    mask: str | None = None  # its loss mask (absolute path) when the dataset has a mask_path
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -68,6 +72,8 @@ class DatasetReport:
     repeats: int = 0
     probability: float = 1.0
     buckets: dict[str, int] = field(default_factory=dict)  # "WxH" (pixels) -> samples
+    loss_weight: float = 1.0  # the dataset's loss_weight (OneTrainer's concept loss weight)
+    masked: bool = False  # whether its samples train with loss masks (mask_path)
 
     def skip(self, reason: str, path: str, detail: str | None = None) -> None:
         self.skipped.setdefault(reason, []).append(path)
@@ -143,6 +149,37 @@ def check_image(path: Path) -> tuple[str | None, str | None, tuple[int, int]]:
     except Exception as error:  # truncated, corrupt, permission denied, ...
         return UNREADABLE, f"{type(error).__name__}: {error}", (0, 0)
     return None, None, size
+
+
+def mask_index(mask_root: Path) -> dict[str, list[Path]]:
+    """Mask files under ``mask_root`` by relative path without extension (``sub/cat``), each list sorted."""
+    index: dict[str, list[Path]] = {}
+    for path in _image_files(mask_root):
+        index.setdefault(path.relative_to(mask_root).with_suffix("").as_posix(), []).append(path)
+    return index
+
+
+def find_mask(index: dict[str, list[Path]], image: Path, root: Path) -> Path | None:
+    """The mask named like ``image`` (same relative path and stem): the one with the image's own
+    extension if there are several, else the first in sorted order."""
+    candidates = index.get(image.relative_to(root).with_suffix("").as_posix())
+    if not candidates:
+        return None
+    same = [c for c in candidates if c.suffix.lower() == image.suffix.lower()]
+    return (same or candidates)[0]
+
+
+def check_mask(mask: Path | None, image_size: tuple[int, int]) -> tuple[str | None, str | None]:
+    """(skip reason or None, detail) of an image's mask: missing, unreadable, or another displayed size."""
+    if mask is None:
+        return MISSING_MASK, None
+    reason, detail, size = check_image(mask)
+    if reason:
+        return UNREADABLE_MASK, f"{mask}: {reason}" + (f" ({detail})" if detail else "")
+    if tuple(size) != tuple(image_size):
+        return MASK_MISMATCH, (f"mask {mask} is {size[0]}x{size[1]}, the image {image_size[0]}x{image_size[1]} "
+                               f"(as displayed, EXIF orientation applied); they must be the same size")
+    return None, None
 
 
 # Trailing counters: "(1)", "[2]", or digits after a separator ("_001", " 2", "-3"); "r2d2" is kept.
@@ -274,12 +311,25 @@ def discover_samples(dataset: "DatasetSpec") -> tuple[list[Sample], DatasetRepor
     report = DatasetReport(
         dataset=dataset.name, found=0, used=0, role=_role(dataset),
         repeats=dataset.repeats, probability=getattr(dataset, "probability", 1.0),
+        loss_weight=float(getattr(dataset, "loss_weight", 1.0)), masked=getattr(dataset, "mask_path", None) is not None,
     )
     samples: list[Sample] = []
+    mask_root = _mask_root(dataset)
+    if mask_root == root:
+        raise DataError(f"dataset '{dataset.name}': mask_path is the dataset folder itself ({root}); put the masks in "
+                        f"a folder of their own (e.g. {root / 'masks'}) and point mask_path at it.")
     files = _image_files(root)
+    if mask_root is not None:  # masks kept inside the dataset folder are not training images
+        files = [f for f in files if not f.is_relative_to(mask_root)]
+    masks = _mask_files(mask_root, root, files)
+
+    def mask_check(mask: Path | None, image_check: tuple) -> tuple[str | None, str | None]:
+        return check_mask(mask, image_check[2]) if image_check[0] is None else (None, None)
+
     with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
         checks = list(pool.map(check_image, files))
-    for path, (reason, detail, size) in zip(files, checks):
+        mask_checks = list(pool.map(mask_check, masks, checks)) if masks else []
+    for number, (path, (reason, detail, size)) in enumerate(zip(files, checks)):
         report.found += 1
         if reason:
             report.skip(reason, str(path), detail)
@@ -302,8 +352,15 @@ def discover_samples(dataset: "DatasetSpec") -> tuple[list[Sample], DatasetRepor
         if not captions:
             report.skip(MISSING_CAPTION, str(path))
             continue
+        mask = None
+        if masks:
+            mask_reason, mask_detail = mask_checks[number]
+            if mask_reason:
+                report.skip(mask_reason, str(path), mask_detail)
+                continue
+            mask = str(masks[number])
         geometry = plan_geometry(*size, options, str(path))
-        samples.append(Sample(dataset.name, str(path), captions[0], captions if len(captions) > 1 else (), size, geometry))
+        samples.append(Sample(dataset.name, str(path), captions[0], captions if len(captions) > 1 else (), size, geometry, mask))
         key = "x".join(map(str, geometry.size))
         report.buckets[key] = report.buckets.get(key, 0) + 1
     for missing in sorted(metadata):
@@ -319,6 +376,9 @@ def discover_samples(dataset: "DatasetSpec") -> tuple[list[Sample], DatasetRepor
             )
         examples = "; ".join(f"{reason}: {paths[0]}" for reason, paths in sorted(report.skipped.items()))
         fix = _FIXES[strategy]
+        if {MISSING_MASK, UNREADABLE_MASK, MASK_MISMATCH} & set(report.skipped):
+            fix = (f"give every image a mask of the same size in mask_path {dataset.mask_path} (same relative path "
+                   f"and name, any image extension), or remove mask_path; or {fix}")
         if TOO_SMALL in report.skipped:
             fix = f"lower minimum_image_size (now {options.minimum_image_size:g}) or add larger images; or {fix}"
         raise DataError(
@@ -326,6 +386,28 @@ def discover_samples(dataset: "DatasetSpec") -> tuple[list[Sample], DatasetRepor
             f"({report.summary()}; e.g. {examples}). Fix: {fix}."
         )
     return samples, report
+
+
+def _mask_root(dataset: "DatasetSpec") -> Path | None:
+    """The dataset's ``mask_path`` folder (resolved), None without one; a DataError when it is not a folder."""
+    mask_root = getattr(dataset, "mask_path", None)
+    if mask_root is None:
+        return None
+    mask_root = Path(mask_root).expanduser()
+    if not mask_root.is_dir():
+        raise DataError(
+            f"dataset '{dataset.name}': mask_path {mask_root} is not a folder. Fix spec.datasets[].mask_path (a folder "
+            f"of masks named like the images; relative paths are relative to the manifest file)."
+        )
+    return mask_root.resolve()
+
+
+def _mask_files(mask_root: Path | None, root: Path, files: list[Path]) -> list[Path | None]:
+    """Each image's mask (None: missing) when the dataset has a ``mask_path``; [] when it has none."""
+    if mask_root is None:
+        return []
+    index = mask_index(mask_root)
+    return [find_mask(index, path, root) for path in files]
 
 
 def image_datasets(datasets: Iterable["DatasetSpec"]) -> list["DatasetSpec"]:

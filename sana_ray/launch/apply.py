@@ -101,6 +101,11 @@ def _check_dataset_folders(manifest: Manifest) -> None:
                 f"dataset '{dataset.name}': folder {dataset.path} does not exist. Fix spec.datasets "
                 f"entry '{dataset.name}' path (relative paths are relative to the manifest's folder)."
             )
+        if dataset.mask_path is not None and not dataset.mask_path.is_dir():
+            raise DataError(
+                f"dataset '{dataset.name}': mask_path {dataset.mask_path} does not exist. Fix spec.datasets entry "
+                f"'{dataset.name}' mask_path (a folder of masks named like the images; relative to the manifest's folder)."
+            )
 
 
 def prepare_model_and_caches(manifest: Manifest, paths: RunPaths):

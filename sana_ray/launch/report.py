@@ -64,8 +64,10 @@ def report_text(reports) -> str:
     """Every dataset's account, with every skipped path and why (the artifact's text form)."""
     lines = []
     for report in reports:
+        extra = (f", loss weight {report.loss_weight:g}" if report.loss_weight != 1.0 else "") + (
+            ", loss masks" if report.masked else "")
         lines.append(report.summary() + f" [role {report.role}, repeats {report.repeats}, weight {report.probability:g}, "
-                     f"samples/epoch {report.samples_per_epoch}]")
+                     f"samples/epoch {report.samples_per_epoch}{extra}]")
         for size, n in sorted(report.buckets.items(), key=lambda kv: -kv[1]):
             lines.append(f"  bucket {size}: {n}")
         for reason, paths in sorted(report.skipped.items()):

@@ -318,6 +318,8 @@ def _resolve(base: Path, value: Path | str) -> str:
 def _resolve_spec_paths(spec, base: Path) -> None:
     for dataset in spec.datasets:
         dataset.path = Path(_resolve(base, dataset.path))
+        if dataset.mask_path is not None:
+            dataset.mask_path = Path(_resolve(base, dataset.mask_path))
     spec.output.dir = Path(_resolve(base, spec.output.dir))
     if spec.output.cache_dir is not None:
         spec.output.cache_dir = Path(_resolve(base, spec.output.cache_dir))
@@ -415,7 +417,7 @@ def _training_run(data: dict, positions: _Positions, parsed: list, overrides, fi
 def load_manifest(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Manifest:
     """Read, override, validate and resolve a manifest file.
 
-    Relative paths in the manifest (datasets' ``path``, ``output.dir``, ``output.cache_dir``
+    Relative paths in the manifest (datasets' ``path`` and ``mask_path``, ``output.dir``, ``output.cache_dir``
     and a local ``model.pretrained``) are made absolute against the manifest's folder.
     Raises :class:`ManifestError` (never a bare traceback) when anything is wrong.
     """

@@ -64,9 +64,10 @@ class Metadata(Strict):
 
 class ModelSpec(Strict):
     pretrained: str = Field(
-        description="A Hugging Face hub id (e.g. Efficient-Large-Model/Sana_1600M_1024px_diffusers), a "
-        "local diffusers folder, or 'tiny' for small RANDOM Sana components built from configs "
-        "(for the quickstart and tests; it learns nothing useful).",
+        description="A Hugging Face hub id (e.g. Efficient-Large-Model/Sana_1600M_1024px_diffusers or the Sana 1.5 "
+        "Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers), a local diffusers folder, or 'tiny' ('tiny-sana15': "
+        "with Sana 1.5's qk norm) for small RANDOM Sana components built from configs (for the quickstart and tests; "
+        "it learns nothing useful).",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     variant: str | None = Field(default=None, description="Weights variant, e.g. 'bf16' or 'fp16'.")
@@ -102,7 +103,7 @@ _IMAGE_ONLY_FIELDS = frozenset(
         "caption_dropout_probability", "resolution", "resolution_type", "minimum_image_size",
         "maximum_image_size", "target_downsample_size", "crop", "crop_style", "crop_aspect",
         "crop_aspect_buckets", "repeats", "is_regularisation_data", "probability", "vae_batch_size",
-        "cache_latents",
+        "cache_latents", "mask_path", "loss_weight",
     }
 )
 
@@ -194,6 +195,20 @@ class DatasetSpec(Strict):
         description="Sampling weight: each epoch draws round(probability x images x (1 + repeats)) samples of this dataset "
         "(a different subset each epoch when below 1).",
     )
+    loss_weight: Annotated[float, Field(gt=0, le=100)] = Field(
+        default=1.0,
+        description="OneTrainer's concept loss weight: every sample of this dataset has its loss multiplied by it "
+        "(2 doubles the dataset's gradient). Independent of probability, which sets how often it is drawn. "
+        "Training datasets only (the eval loss is unweighted).",
+    )
+    mask_path: Path | None = Field(
+        default=None,
+        description="Masked loss: a folder of mask images named like the images (same relative path and stem, any "
+        "image extension; white = train, black = ignore, grey = weight in between). Each mask gets the image's "
+        "crop and resize, is averaged down to the latent grid and cached beside the latents; the loss is the "
+        "mask-weighted mean (docs/training.md). A missing, unreadable or differently sized mask skips its image "
+        "(counted in the data report). Relative paths are relative to the manifest. Training datasets only.",
+    )
     vae_batch_size: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="Images per VAE forward (and per latent shard file). null: 8."
     )
@@ -255,6 +270,11 @@ class DatasetSpec(Strict):
             raise ValueError("target_downsample_size needs maximum_image_size (images above it are downsampled)")
         if self.dataset_type == "eval" and not self.cache_latents:
             raise ValueError("cache_latents: false is for training datasets; a dataset_type eval set is always cached (it is small and read at every evaluation)")
+        if self.dataset_type == "eval" and (self.mask_path is not None or self.loss_weight != 1.0):
+            raise ValueError(
+                "mask_path and loss_weight are for training datasets: the eval loss of a dataset_type eval set is "
+                "unmasked and unweighted so that it stays comparable between runs and trials; remove them here"
+            )
         return self
 
 
@@ -293,9 +313,54 @@ class LrSchedulerSpec(Strict):
 class TimestepSamplingSpec(Strict):
     """How u in [0, 1] is drawn before the flow shift (SD3 / Sana use logit-normal)."""
 
-    scheme: Literal["uniform", "logit_normal"] = "logit_normal"
+    scheme: Literal["uniform", "logit_normal", "mode"] = Field(
+        default="logit_normal",
+        description="uniform; logit_normal: sigmoid(N(logit_mean, logit_std)) (SD3, Sana); mode: SD3's mode sampling "
+        "u = 1 - r - mode_scale (cos^2(pi r / 2) - 1 + r), r uniform (diffusers' compute_density_for_timestep_sampling).",
+    )
     logit_mean: float = 0.0
     logit_std: Annotated[float, Field(gt=0)] = 1.0
+    mode_scale: float = Field(default=1.29, description="scheme mode only: its scale (diffusers' scripts default to 1.29).")
+
+
+class ScheduledSamplingSpec(Strict):
+    """Scheduled sampling ("rollout", SimpleTuner's scheduled_sampling_*): some samples are trained from a point
+    the model reached itself, a few Euler steps down from a noisier sigma, instead of the exact noisy latent.
+
+    Off unless both max_step_offset and probability are above 0. Semantics, defaults and the differences from
+    SimpleTuner: docs/training.md.
+    """
+
+    max_step_offset: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=0,
+        description="Most rollout steps per sample, in training timesteps (1/1000 of sigma each): a rolled-out sample "
+        "starts at sigma + k/1000 (at most 1) and takes k Euler steps of the current model down to its sigma. "
+        "0: off (SimpleTuner's default). 5-10 is SimpleTuner's suggestion.",
+    )
+    probability: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0, description="Chance that a sample is rolled out (after any ramp). 0: off (SimpleTuner's default)."
+    )
+    strategy: Literal["uniform", "biased_early", "biased_late"] = Field(
+        default="uniform",
+        description="How k is drawn in 0..max_step_offset: uniform; biased_early: round(r^2 max) (shorter rollouts); "
+        "biased_late: round((1 - r^2) max) (longer), r uniform in [0, 1).",
+    )
+    ramp_steps: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Optimizer steps over which the probability rises from prob_start to probability (after "
+        "start_step). 0: no ramp.",
+    )
+    start_step: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Before this optimizer step the probability is prob_start; the ramp starts here."
+    )
+    prob_start: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0, description="Probability before start_step and at the start of the ramp (used only with ramp_steps > 0 or start_step > 0)."
+    )
+    ramp_shape: Literal["linear", "cosine"] = Field(default="linear", description="Shape of the ramp.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_step_offset > 0 and (self.probability > 0 or self.prob_start > 0)
 
 
 class EmaSpec(Strict):
@@ -337,6 +402,15 @@ class TrainingSpec(Strict):
         default=3.0, description="sigma = shift*u / (1 + (shift-1)*u). Sana 1.6B-1024 was released with 3.0."
     )
     timestep_sampling: TimestepSamplingSpec = Field(default_factory=TimestepSamplingSpec)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        default="none",
+        description="Per-sample loss weight as a function of sigma, diffusers' compute_loss_weighting_for_sd3: none "
+        "(NVlabs trains Sana unweighted); sigma_sqrt: 1/sigma^2; cosmap: 2 / (pi (1 - 2 sigma + 2 sigma^2)). "
+        "The eval loss stays unweighted. Formulas: docs/training.md.",
+    )
+    scheduled_sampling: ScheduledSamplingSpec = Field(
+        default_factory=ScheduledSamplingSpec, description="Scheduled sampling (rollout); off by default."
+    )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     lr_scheduler: LrSchedulerSpec = Field(default_factory=LrSchedulerSpec)
     checkpoint_every: Annotated[int, Field(ge=1)] = Field(default=100, description="Checkpoint every N optimizer steps (and at the end).")

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from sana_ray.model.tiny import TINY, TINY_VERSION, ensure_tiny_pipeline
+from sana_ray.model.tiny import PRESETS, ensure_tiny_pipeline
 
 FINGERPRINT_LENGTH = 16
 
 
 def resolve_pretrained(pretrained: str, cache_root: Path) -> str:
-    """'tiny' -> the tiny pipeline folder under ``cache_root`` (built on first use); else unchanged."""
-    if pretrained == TINY:
-        return str(ensure_tiny_pipeline(Path(cache_root)))
+    """'tiny' / 'tiny-sana15' -> the tiny pipeline folder under ``cache_root`` (built on first use);
+    else unchanged."""
+    if pretrained in PRESETS:
+        return str(ensure_tiny_pipeline(Path(cache_root), pretrained))
     return pretrained
 
 
@@ -122,16 +123,16 @@ def model_fingerprint(source: str, revision: str | None = None) -> str:
 
     * a local folder: sha256 over the relative paths, sizes and mtimes of its files (weights are
       not read), so editing or replacing any file changes it;
-    * ``"tiny"`` (unresolved): the tiny preset's version, which is the same on every machine
-      (its weights are seeded); a resolved tiny folder is a local folder like any other;
+    * ``"tiny"`` / ``"tiny-sana15"`` (unresolved): the preset's version, which is the same on every
+      machine (its weights are seeded); a resolved tiny folder is a local folder like any other;
     * anything else is a hub id: sha256 of ``"<id>@<revision or 'main'>"``. Pin ``revision`` to a
       commit for a key that cannot go stale when the branch moves.
     """
     path = Path(source).expanduser()
-    if source != TINY and path.is_dir():
+    if source not in PRESETS and path.is_dir():
         hexdigest = _local_folder_digest(path)
-    elif source == TINY:
-        hexdigest = hashlib.sha256(f"tiny\0{TINY_VERSION}".encode()).hexdigest()
+    elif source in PRESETS:
+        hexdigest = hashlib.sha256(f"tiny\0{PRESETS[source][0]}".encode()).hexdigest()
     else:
         hexdigest = hashlib.sha256(f"hub\0{source}@{revision or 'main'}".encode()).hexdigest()
     return hexdigest[:FINGERPRINT_LENGTH]

@@ -30,8 +30,13 @@ The components mirror the structure of the released Sana checkpoints at toy size
 * ``DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
   prediction_type="flow_prediction")``: the sampling scheduler the released Sana repos ship.
 
-Change any config here and you must bump ``TINY_VERSION`` (the folder name), so that caches
-of the old folder are never mistaken for the new one.
+``tiny-sana15`` (``model.pretrained: tiny-sana15``) is the same pipeline with a Sana 1.5
+transformer: ``qk_norm="rms_norm_across_heads"`` (RMSNorm over all heads of the queries and keys
+of both attentions, as the released SANA1.5_1.6B / 4.8B diffusers configs), in its own folder
+``tiny-sana15-v1``, so its caches (keyed by the folder's files) never mix with ``tiny``'s.
+
+Change any config here and you must bump ``TINY_VERSION`` / ``TINY_SANA15_VERSION`` (the folder
+names), so that caches of the old folder are never mistaken for the new one.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from pathlib import Path
 
 TINY = "tiny"
 TINY_VERSION = "tiny-sana-v1"
+TINY_SANA15 = "tiny-sana15"
+TINY_SANA15_VERSION = "tiny-sana15-v1"
 SEED = 0
 
 # The weights come from torch's global RNG (seeded per component); serialize builds in one
@@ -73,6 +80,10 @@ TRANSFORMER_CONFIG = dict(
     norm_eps=1e-6,
     interpolation_scale=None,
 )
+
+# Sana 1.5: the diffusers SANA1.5_*_diffusers transformer configs add exactly this to Sana 1.0's.
+SANA15_QK_NORM = "rms_norm_across_heads"
+TRANSFORMER_CONFIG_SANA15 = TRANSFORMER_CONFIG | dict(qk_norm=SANA15_QK_NORM)
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -139,8 +150,13 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_components() -> dict:
+# preset name -> (folder name, transformer config)
+PRESETS = {TINY: (TINY_VERSION, TRANSFORMER_CONFIG), TINY_SANA15: (TINY_SANA15_VERSION, TRANSFORMER_CONFIG_SANA15)}
+
+
+def build_tiny_components(preset: str = TINY) -> dict:
     """The five pipeline components, freshly built with fixed seeds (identical every time)."""
+    transformer_config = PRESETS[preset][1]
     import torch
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
@@ -155,7 +171,7 @@ def build_tiny_components() -> dict:
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)
         try:
-            transformer = seeded(1, lambda: SanaTransformer2DModel(**TRANSFORMER_CONFIG))
+            transformer = seeded(1, lambda: SanaTransformer2DModel(**transformer_config))
             vae = seeded(2, lambda: AutoencoderDC(**VAE_CONFIG))
             text_config = Gemma2Config(**TEXT_ENCODER_CONFIG, attn_implementation="eager")
             text_encoder = seeded(3, lambda: Gemma2Model(text_config))
@@ -174,14 +190,16 @@ def _is_complete(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
 
-def ensure_tiny_pipeline(root: Path) -> Path:
-    """Write (once) the tiny random SanaPipeline folder under ``root`` and return its path.
+def ensure_tiny_pipeline(root: Path, preset: str = TINY) -> Path:
+    """Write (once) the tiny random SanaPipeline folder of ``preset`` (``tiny`` or ``tiny-sana15``)
+    under ``root`` and return its path.
 
     The folder is built in a temporary sibling and renamed into place, so a crash never leaves a
     half-written folder and concurrent callers all end up with the same, complete folder.
     """
     root = Path(root).expanduser().absolute()  # Ray workers may run in another working directory
-    final = root / TINY_VERSION
+    version = PRESETS[preset][0]
+    final = root / version
     if _is_complete(final):
         return final
     if final.exists():
@@ -190,9 +208,9 @@ def ensure_tiny_pipeline(root: Path) -> Path:
     from diffusers import SanaPipeline
 
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{TINY_VERSION}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".{version}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        pipe = SanaPipeline(**build_tiny_components())
+        pipe = SanaPipeline(**build_tiny_components(preset))
         pipe.save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, final)

@@ -68,6 +68,7 @@ def train_func(config: dict) -> None:
     from sana_ray.launch.tracking import RunLogger
     from sana_ray.model.flow import flow_matching_loss, sample_u, shift_sigmas
     from sana_ray.model.loading import load_transformer
+    from sana_ray.model.rollout import plan_rollout
 
     cfg = WorkerConfig(**config)
     spec = Manifest.model_validate(cfg.manifest).spec
@@ -124,6 +125,7 @@ def train_func(config: dict) -> None:
         waited = batches.wait_s
         first_micro_batch = state.micro_batches
         loss_sum = torch.zeros((), device=device)
+        rollout_forwards = 0
         for k in range(accumulation):
             micro_batch = first_micro_batch + k
             batch = batches.get(micro_batch)
@@ -140,14 +142,25 @@ def train_func(config: dict) -> None:
                 scheme=sampling.scheme,
                 logit_mean=sampling.logit_mean,
                 logit_std=sampling.logit_std,
+                mode_scale=sampling.mode_scale,
                 generator=generator,
                 device="cpu",
             )
             sigmas = shift_sigmas(u, training.flow_shift).to(device)
             noise = torch.randn(latents.shape, generator=generator).to(device)
+            # Objective extras (model.flow): present in the batch only when they change the loss; a
+            # rollout plan only when a sample rolls out. Without them the loss is the plain MSE, exactly.
+            loss_mask = batch["loss_mask"].to(**copy) if "loss_mask" in batch else None  # [B, 1, h, w]
+            sample_weights = batch["loss_weight"].to(**copy) if "loss_weight" in batch else None  # [B]
+            rollout = plan_rollout(training.scheduled_sampling, seed=training.seed, micro_batch=micro_batch,
+                                   step=state.step, batch_size=latents.shape[0])
+            rollout_forwards += rollout.forward_calls if rollout is not None else 0
             # The strategy handles gradient sync (DDP no_sync / ZeRO boundaries) and autocast.
             with strategy.micro_batch(last=k == accumulation - 1):
-                loss = flow_matching_loss(strategy.model, latents, prompt_embeds, prompt_mask, sigmas=sigmas, noise=noise)
+                loss = flow_matching_loss(strategy.model, latents, prompt_embeds, prompt_mask, sigmas=sigmas, noise=noise,
+                                          loss_mask=loss_mask, sample_weights=sample_weights,
+                                          weighting=training.loss_weighting,
+                                          rollout_steps=rollout.steps if rollout is not None else None)
                 strategy.backward(loss)
             loss_sum += loss.detach().float()
 
@@ -179,6 +192,8 @@ def train_func(config: dict) -> None:
                 "data_wait_s": batches.wait_s - waited,  # this step's wait for the prefetcher (rank 0)
                 "nonfinite_steps": guard.total,
             }
+            if training.scheduled_sampling.enabled:  # this step's extra forward passes (the same on every rank)
+                metrics["rollout_forwards"] = rollout_forwards
             if len(data.unreadable) != unreadable:  # online images that could not be loaded (skipped)
                 unreadable = len(data.unreadable)
                 metrics["unreadable_images"] = unreadable

@@ -208,3 +208,22 @@ def test_latent_encoder_round_trip(tiny_path):
     torch.testing.assert_close(decoded, encoder.vae.decode(latents / 0.41407).sample.detach())
     with pytest.raises(ValueError, match="multiple of 4"):
         encoder.encode(torch.zeros(1, 3, 62, 64))
+
+
+def test_tiny_sana15_preset_is_tiny_with_qk_norm_in_its_own_folder(tiny_path):
+    """``pretrained: tiny-sana15``: the same seeded VAE and text encoder as ``tiny``, a transformer
+    with Sana 1.5's qk norm, in its own versioned folder (so neither preset's caches are the other's)."""
+    from sana_ray.model.loading import load_transformer, model_fingerprint, resolve_pretrained
+    from sana_ray.model.tiny import TINY_SANA15, TINY_SANA15_VERSION
+
+    folder = Path(resolve_pretrained(TINY_SANA15, tiny_path.parent))
+    assert folder == tiny_path.parent / TINY_SANA15_VERSION and folder != tiny_path
+    transformer = load_transformer(str(folder))
+    assert transformer.config.qk_norm == "rms_norm_across_heads"
+    assert transformer.transformer_blocks[0].attn1.norm_q is not None
+    ours, tiny = _weights(folder), _weights(tiny_path)
+    for key in (k for k in tiny if not k.startswith("transformer/")):
+        assert torch.equal(ours[key], tiny[key]), key
+    assert {k for k in ours if "norm_q" in k} and not {k for k in tiny if "norm_q" in k}
+    assert model_fingerprint(TINY_SANA15) != model_fingerprint(TINY)
+    assert model_fingerprint(str(folder)) != model_fingerprint(str(tiny_path))

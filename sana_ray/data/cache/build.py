@@ -9,6 +9,9 @@ Layout under ``cache_root``::
                ...                           "prompt_embeds" [n, L, C] float32 or bfloat16,
                                              "prompt_attention_mask" [n, L] int64
                index.json
+    masks/<key>/shard_00000.safetensors     one folder per masked dataset's latent folder and mask files
+                ...                          tensors "masks.<row>" [1, h, w] float32 in [0, 1] (latent grid)
+                index.json
 
 A latent key hashes the model fingerprint, the pixel pipeline version and every image's (path,
 size, mtime, geometry) -- the geometry (downsample, resize, crop box) is planned at discovery from
@@ -19,6 +22,13 @@ earlier versions keep their key) and the sorted unique captions (plus ``""``, th
 encoded as SanaPipeline encodes ``negative_prompt=""``, when a dataset uses caption dropout).
 Change any of them and a new folder is built; change nothing and the folder is reused without
 starting Ray Data.
+
+Loss masks (``datasets[].mask_path``) have folders of their own, keyed by the latent folder's key
+(so by everything that decides the image geometry and the model), the mask pipeline version, the
+VAE's downsampling factor and every mask file's (path, size, mtime): adding, changing or removing
+masks never re-encodes latents. Their shards are built by the same actor pool as a third job kind
+that needs no model (``images.load_mask``: the image's geometry, averaged down to the latent grid).
+A ``cache_latents: false`` dataset's masks are computed by the workers, like its latents.
 
 Text rows are stored in the dtype the transformer computes in (``model.text_embeds_dtype``,
 default ``auto``: bfloat16 when training runs under bf16 autocast, float32 otherwise). The
@@ -64,8 +74,10 @@ import numpy as np
 
 from sana_ray.data.cache import store
 from sana_ray.data.cache.index import CacheSet, TextShards
-from sana_ray.data.images import PIXELS_VERSION, Geometry, PixelOptions
-from sana_ray.data.samples import UNREADABLE, DataError, DatasetReport, Sample, discover_datasets, text_store
+from sana_ray.data.images import MASKS_VERSION, PIXELS_VERSION, Geometry, PixelOptions
+from sana_ray.data.samples import (
+    UNREADABLE, UNREADABLE_MASK, DataError, DatasetReport, Sample, discover_datasets, text_store,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -80,6 +92,10 @@ VERIFY_THREADS = 8  # shards hashed in parallel when a build checks a folder (ha
 DAMAGED_LINES = 10  # damaged shards named one per line, per folder; then a count
 HOLD_ENV = "SANA_RAY_CACHE_HOLD_AT_SHARD"  # testing aid, see _injected_hold
 ONLINE = "online"  # the kind of a cache_latents: false dataset's stand-in folder
+MASKS = "masks"  # the kind of a loss-mask folder
+MASK_SHARD_SIZE = 64  # masks per shard: a 1024 px mask is 4 KB at the latent grid, so shards can be larger
+ROW_TENSOR = {"latents": "latents", MASKS: "masks"}  # per-image folders: tensor "<name>.<row>"
+UNITS = {"text": "captions", MASKS: "masks"}  # progress lines; otherwise "images"
 
 Progress = Callable[[str], None]
 
@@ -97,7 +113,7 @@ def text_store_dtype(model: "ModelSpec", *, bf16_training: bool) -> str:
 class _Folder:
     """One cache folder to reuse or build."""
 
-    kind: str  # "text", "latents" or "online"
+    kind: str  # "text", "latents", "masks" or "online"
     label: str  # for progress lines
     key: str
     path: Path
@@ -106,7 +122,7 @@ class _Folder:
     params: dict[str, Any]  # latents: resolution, crop; text: store_dtype
     index: dict | None = None  # set once complete
     todo: list[int] = field(default_factory=list)  # shard numbers to encode
-    extras: list | None = None  # latents: per item geometry (travels with the shard's job)
+    extras: list | None = None  # latents: per item geometry; masks: per item [mask path, geometry] (travel with the job)
     headers: dict[int, store.ShardHeader] = field(default_factory=dict)  # shard -> its header, once verified
 
     def shard_items(self, shard: int) -> list[str]:
@@ -186,13 +202,25 @@ class _ShardEncoder:
         return {"result": np.array(results, dtype=object)}
 
     def _encode_shard(self, job: dict) -> dict:
-        import torch
         from safetensors.torch import save
 
         _injected_hold(job, written=False)
         items: list[str] = job["items"]
+        if job["kind"] == MASKS:  # no model: the image geometry, averaged down to the latent grid
+            tensors, failed = _mask_tensors(job)
+        else:
+            tensors, failed = self._encode_with_model(job)  # failed: row -> why its image could not be loaded
+        metadata = {"items": json.dumps(items, ensure_ascii=False), "failed": json.dumps(failed), "format": str(store.CACHE_FORMAT)}
+        blob = save(tensors, metadata=metadata)  # the file's bytes, hashed before they reach the disk
+        store.write_shard(Path(job["path"]), blob, before_rename=lambda: _injected_hold(job, written=True))
+        return {"folder": job["folder"], "shard": job["shard"], "count": len(items)}
+
+    def _encode_with_model(self, job: dict) -> tuple[dict, dict[str, str]]:
+        import torch
+
+        items: list[str] = job["items"]
         tensors: dict[str, torch.Tensor] = {}
-        failed: dict[str, str] = {}  # row -> why its image could not be loaded
+        failed: dict[str, str] = {}
         encoder, device, dtype = self._encoder(job["kind"], job["model"])
         with torch.inference_mode():
             if job["kind"] == "text":
@@ -222,10 +250,25 @@ class _ShardEncoder:
                     latents = encoder.encode(pixels).to("cpu", torch.float32)
                     for (row, _), latent in zip(members, latents):
                         tensors[f"latents.{row}"] = latent.contiguous()
-        metadata = {"items": json.dumps(items, ensure_ascii=False), "failed": json.dumps(failed), "format": str(store.CACHE_FORMAT)}
-        blob = save(tensors, metadata=metadata)  # the file's bytes, hashed before they reach the disk
-        store.write_shard(Path(job["path"]), blob, before_rename=lambda: _injected_hold(job, written=True))
-        return {"folder": job["folder"], "shard": job["shard"], "count": len(items)}
+        return tensors, failed
+
+
+def _mask_tensors(job: dict) -> tuple[dict, dict[str, str]]:
+    """A mask shard's tensors ``masks.<row>`` [1, h, w] and the rows whose mask could not be loaded."""
+    from sana_ray.data.images import load_mask
+
+    def load(entry: list):
+        mask_path, geometry = entry
+        try:
+            return load_mask(mask_path, Geometry.from_json(geometry), job["factor"])
+        except Exception as error:  # changed or damaged since discovery
+            return f"{type(error).__name__}: {error}"
+
+    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(job["masks"]))) as pool:
+        loaded = list(pool.map(load, job["masks"]))
+    tensors = {f"masks.{row}": mask for row, mask in enumerate(loaded) if not isinstance(mask, str)}
+    failed = {str(row): mask for row, mask in enumerate(loaded) if isinstance(mask, str)}
+    return tensors, failed
 
 
 def _injected_hold(job: dict, *, written: bool) -> None:
@@ -312,6 +355,24 @@ def _plan_latents(dataset: "DatasetSpec", samples: list[Sample], fingerprint: st
     return folder
 
 
+def _plan_masks(dataset: "DatasetSpec", samples: list[Sample], latents: _Folder, factor: int, root: Path) -> _Folder:
+    """The loss-mask folder of a cached dataset with a ``mask_path``: one row per sample, in the
+    latent folder's order, keyed by that folder's key and the mask files (see the module docstring)."""
+    entries, files = [], []
+    for sample in samples:
+        if sample.mask is None or sample.geometry is None:  # pragma: no cover - discovery skips those
+            raise DataError(f"{sample.image_path}: no mask or planned geometry")
+        stat = os.stat(sample.mask)
+        files.append([sample.mask, stat.st_size, stat.st_mtime_ns])
+        entries.append([sample.mask, sample.geometry.to_json()])
+    key = store.digest({"format": store.CACHE_FORMAT, "kind": MASKS, "masks_version": MASKS_VERSION,
+                        "latents": latents.key, "factor": factor, "masks": files})
+    folder = _Folder(MASKS, f"masks {dataset.name}", key, root / key, [s.image_path for s in samples],
+                     MASK_SHARD_SIZE, {"factor": factor})
+    folder.extras = entries
+    return folder
+
+
 def vae_layout(model_source: str, revision: str | None = None) -> tuple[int, int]:
     """(latent channels, downsample factor) of the run's VAE, from its config only (no weights)."""
     from diffusers import AutoencoderDC
@@ -357,7 +418,7 @@ def _check_folder(folder: _Folder, say: Progress) -> None:
     redone (it is rewritten when the build finishes): the index fixes the folder's shard layout,
     and a rebuild that is itself interrupted finds the same shard bad again next time."""
     index = store.read_index(folder.path, folder.kind)
-    unit = "captions" if folder.kind == "text" else "images"
+    unit = UNITS.get(folder.kind, "images")
     complete = index is not None and index.get("items_count") == len(folder.items)
     if complete:
         # Keep the folder's own shard layout (the key does not depend on the shard size), so a
@@ -407,12 +468,12 @@ def _finish_folder(folder: _Folder) -> None:
         if folder.kind == "text":
             shape = list(header.tensors["prompt_embeds"].shape[1:])
         else:
-            failed = header.failed()
+            failed, tensor = header.failed(), ROW_TENSOR[folder.kind]
             for row, path in enumerate(expected):
                 if str(row) in failed:
                     items.append({"path": path, "shard": name, "row": row, "error": failed[str(row)]})
                 else:
-                    items.append({"path": path, "shard": name, "row": row, "shape": list(header.tensors[f"latents.{row}"].shape)})
+                    items.append({"path": path, "shard": name, "row": row, "shape": list(header.tensors[f"{tensor}.{row}"].shape)})
     index: dict[str, Any] = {
         "format": store.CACHE_FORMAT,
         "kind": folder.kind,
@@ -453,8 +514,8 @@ def _run_encoders(folders: list[_Folder], model: dict, num_actors: int, use_gpu:
             }
             if hold:
                 job["hold_at"] = int(hold)
-            if folder.extras is not None:
-                job["geometry"] = folder.extras[shard * folder.shard_size : (shard + 1) * folder.shard_size]
+            if folder.extras is not None:  # latents: "geometry"; masks: "masks" ([mask path, geometry] per row)
+                job["masks" if folder.kind == MASKS else "geometry"] = folder.extras[shard * folder.shard_size : (shard + 1) * folder.shard_size]
             jobs.append({"job": json.dumps(job, ensure_ascii=False)})
     if not jobs:
         return
@@ -493,7 +554,7 @@ def _run_encoders(folders: list[_Folder], model: dict, num_actors: int, use_gpu:
             # A line per shard would flood a large build: at most one per folder every few seconds, and the last.
             if done[number] == len(folder.items) or now - last_said[number] >= PROGRESS_INTERVAL_S:
                 last_said[number] = now
-                unit = "captions" if folder.kind == "text" else "images"
+                unit = UNITS.get(folder.kind, "images")
                 say(f"{folder.label}: {done[number]}/{len(folder.items)} {unit}")
     except Exception as error:  # an actor died (e.g. out of memory): Ray's message, without its traceback
         lines = [line for line in str(error).strip().splitlines() if line.strip()]
@@ -572,9 +633,11 @@ def build_caches(
         )
         folder = latent_folders.setdefault(folder.path, folder)  # identical datasets share one folder
         dataset_folders.append(folder)
+    mask_folders = _plan_mask_folders(found, dataset_folders, model_source, model, root / MASKS)
 
     pending: list[_Folder] = []
-    for folder in [text, *latent_folders.values()]:  # text first: its shards are queued first
+    # text first: its shards are queued first; masks last (they need no model, and are quick)
+    for folder in [text, *latent_folders.values(), *{f.path: f for f in mask_folders.values()}.values()]:
         _check_folder(folder, say)
         if folder.index is None:
             pending.append(folder)
@@ -600,9 +663,26 @@ def build_caches(
 
     members = list(zip(found, dataset_folders))
     train = [(m, f) for m, f in members if m[2].role != "eval"]
-    cache_set = _cache_set(root, text, train, say)
+    cache_set = _cache_set(root, text, train, say, masks=mask_folders)
     cache_set.eval_sets = {m[0].name: _cache_set(root, text, [(m, f)], say) for m, f in members if m[2].role == "eval"}
     return cache_set, reports
+
+
+def _plan_mask_folders(found: list, dataset_folders: list[_Folder], model_source: str, model: "ModelSpec",
+                       root: Path) -> dict[str, _Folder]:
+    """Dataset name -> its loss-mask folder, for the cached datasets with a ``mask_path`` (identical
+    ones share a folder). Online datasets' masks are made by the workers (reader)."""
+    masked = [(d, samples, f) for (d, samples, _), f in zip(found, dataset_folders)
+              if getattr(d, "mask_path", None) is not None and f.kind != ONLINE]
+    if not masked:
+        return {}
+    _, factor = vae_layout(model_source, model.revision)
+    folders: dict[Path, _Folder] = {}
+    planned = {}
+    for dataset, samples, latents in masked:
+        folder = _plan_masks(dataset, samples, latents, factor, root)
+        planned[dataset.name] = folders.setdefault(folder.path, folder)
+    return planned
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,24 +708,43 @@ def _text_shards(text: _Folder) -> TextShards:
     )
 
 
-def _cache_set(root: Path, text: _Folder, members: list, say: Progress) -> CacheSet:
-    """The CacheSet of some datasets: ``members`` is [((dataset, samples, report), folder), ...]."""
+def _cache_set(root: Path, text: _Folder, members: list, say: Progress,
+               masks: dict[str, _Folder] | None = None) -> CacheSet:
+    """The CacheSet of some datasets: ``members`` is [((dataset, samples, report), folder), ...];
+    ``masks``: dataset name -> its loss-mask folder (cached datasets with a ``mask_path``)."""
     assert text.index is not None
+    masks = masks or {}
     text_row = {caption: row for row, caption in enumerate(text.index["captions"])}
     file_number: dict[str, int] = {}
     files: list[str] = []
     file_sizes: list[int] = []
-    latent_file, latent_offset, buckets = [], [], []
+
+    def file_of(folder: _Folder, item: dict) -> tuple[int, store.TensorInfo]:
+        """(index into files, the row's tensor) of a latent or mask row."""
+        shard = int(item["shard"][len("shard_"):].split(".")[0])
+        info = folder.headers[shard].tensors[f"{ROW_TENSOR[folder.kind]}.{item['row']}"]
+        path = str(folder.path / item["shard"])
+        if path not in file_number:
+            file_number[path] = len(files)
+            files.append(path)
+            file_sizes.append(os.stat(path).st_size)
+        return file_number[path], info
+
+    latent_file, latent_offset, buckets, mask_file, mask_offset = [], [], [], [], []
     shapes: dict[tuple[int, ...], int] = {}
     online_geometry: list[list] = []
+    online_masks: list[str | None] = []
     latent_dtypes: set[str] = set()
     caption_offsets, caption_rows = [0], []
     paths, repeats, dropout, weights, groups, regularisation, names, dirs = [], [], [], [], [], [], [], []
+    loss_weights = []
     for number, ((dataset, samples, report), folder) in enumerate(members):
         assert folder.index is not None
         names.append(dataset.name)
         dirs.append(str(folder.path))
         where = {item["path"]: item for item in folder.index["items"]}
+        mask_folder = masks.get(dataset.name)
+        mask_where = {item["path"]: item for item in mask_folder.index["items"]} if mask_folder is not None else {}
         for sample in samples:
             item = where[sample.image_path]
             if "error" in item:  # the image passed discovery but could not be decoded
@@ -653,21 +752,32 @@ def _cache_set(root: Path, text: _Folder, members: list, say: Progress) -> Cache
                 report.used -= 1
                 say(f"{dataset.name}: skipping unreadable {sample.image_path} ({item['error']})")
                 continue
+            mask_item = mask_where.get(sample.image_path)
+            if mask_item is not None and "error" in mask_item:  # the mask passed discovery but could not be loaded
+                report.skip(UNREADABLE_MASK, sample.image_path, f"{sample.mask}: {mask_item['error']}")
+                report.used -= 1
+                say(f"{dataset.name}: skipping {sample.image_path}: its mask could not be loaded ({mask_item['error']})")
+                continue
             if folder.kind == ONLINE:
                 latent_file.append(-1)
                 latent_offset.append(len(online_geometry))
                 online_geometry.append(item["geometry"])
+                online_masks.append(sample.mask)  # made by the worker, like the latent
             else:
-                shard = int(item["shard"][len("shard_"):].split(".")[0])
-                info = folder.headers[shard].tensors[f"latents.{item['row']}"]
-                path = str(folder.path / item["shard"])
-                if path not in file_number:
-                    file_number[path] = len(files)
-                    files.append(path)
-                    file_sizes.append(os.stat(path).st_size)
-                latent_file.append(file_number[path])
+                number_in_files, info = file_of(folder, item)
+                latent_file.append(number_in_files)
                 latent_offset.append(info.start)
                 latent_dtypes.add(info.dtype)
+            if mask_item is not None:
+                number_in_files, info = file_of(mask_folder, mask_item)
+                if info.dtype != "F32" or tuple(info.shape) != (1, *item["shape"][1:]):
+                    raise DataError(f"mask cache {mask_folder.path}: row {mask_item['row']} is {info.dtype} {list(info.shape)}, "
+                                    f"not F32 [1, h, w] of latent {item['shape']}; delete the folder to rebuild it")
+                mask_file.append(number_in_files)
+                mask_offset.append(info.start)
+            else:
+                mask_file.append(-1)
+                mask_offset.append(-1)
             buckets.append(shapes.setdefault(tuple(item["shape"]), len(shapes)))
             caption_rows.extend(text_row[c] for c in sample.choices)
             caption_offsets.append(len(caption_rows))
@@ -675,6 +785,7 @@ def _cache_set(root: Path, text: _Folder, members: list, say: Progress) -> Cache
             repeats.append(dataset.repeats)
             dropout.append(float(getattr(dataset, "caption_dropout_probability", 0.0)))
             weights.append(float(getattr(dataset, "probability", 1.0)))
+            loss_weights.append(float(getattr(dataset, "loss_weight", 1.0)))
             groups.append(number)
             regularisation.append(bool(getattr(dataset, "is_regularisation_data", False)))
         if report.used == 0:
@@ -703,4 +814,8 @@ def _cache_set(root: Path, text: _Folder, members: list, say: Progress) -> Cache
         latent_dirs=dirs,
         null_text_row=text_row.get(EMPTY_PROMPT),
         online_geometry=online_geometry,
+        mask_file=np.asarray(mask_file, dtype=np.int32),
+        mask_offset=np.asarray(mask_offset, dtype=np.int64),
+        online_masks=online_masks,
+        loss_weights=np.asarray(loss_weights, dtype=np.float32),
     )

@@ -3,7 +3,8 @@
 A :class:`CacheSet` is built by the driver (``build.build_caches``) and sent to every training
 worker, which reads the rows it needs from the shard files on demand (``reader.CacheReader``).
 It is compact, because every worker holds it for the whole run: the per-sample numbers are numpy
-arrays (about 60 bytes a sample), the strings are one path per sample and one per shard file.
+arrays (about 70 bytes a sample, 16 of them for the loss mask's place and the loss weight), the
+strings are one path per sample and one per shard file.
 At 100k samples that is ~20 MB, independent of the tensors' sizes (a real Sana text row alone
 is 300 x 2304 x 4 B = 2.76 MB).
 
@@ -16,7 +17,11 @@ Per sample ``i``:
   caption choice (the first is the sample's first caption); ``null_text_row`` is the empty
   prompt, drawn with probability ``dropout[i]`` (caption dropout);
 * sampling: ``repeats[i]``, ``weights[i]`` (its dataset's probability), ``groups[i]`` (its
-  dataset's number; ``dataset_names[groups[i]]``), ``regularisation[i]``.
+  dataset's number; ``dataset_names[groups[i]]``), ``regularisation[i]``;
+* objective: ``loss_weights[i]`` (its dataset's ``loss_weight``); its loss mask at
+  ``files[mask_file[i]]`` byte ``mask_offset[i]`` (float32 ``[1, h, w]``, the latent grid),
+  ``mask_file[i] == -1``: none cached -- an online sample's mask, if any, is the image
+  ``online_masks[latent_offset[i]]``, made by the worker like its latent.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class CacheSet:
 
     latents_dir: str  # <cache_root>/latents (for messages)
     text: TextShards
-    files: list[str]  # distinct latent shard files (absolute paths)
+    files: list[str]  # distinct latent and mask shard files (absolute paths)
     file_sizes: list[int]  # their sizes in bytes, as written
     latent_file: np.ndarray  # [n] int32, index into files; -1: encoded online
     latent_offset: np.ndarray  # [n] int64, byte offset in the file (online: index into online_geometry)
@@ -71,6 +76,10 @@ class CacheSet:
     latent_dirs: list[str]  # per group: its latent cache folder (for messages)
     null_text_row: int | None = None  # text row of the empty prompt (present when any dropout > 0)
     online_geometry: list[list] = field(default_factory=list)  # images.Geometry.to_json() of online samples
+    mask_file: np.ndarray | None = None  # [n] int32, index into files; -1: no cached mask. None: no masks at all
+    mask_offset: np.ndarray | None = None  # [n] int64, byte offset of the mask row in its file
+    online_masks: list[str | None] = field(default_factory=list)  # per online sample (as online_geometry): its mask image
+    loss_weights: np.ndarray | None = None  # [n] float32, the dataset's loss_weight. None: all 1
     eval_sets: dict[str, "CacheSet"] = field(default_factory=dict)  # dataset_type eval sets, by name (never trained on)
 
     def __len__(self) -> int:
@@ -111,6 +120,18 @@ class CacheSet:
     @property
     def has_online(self) -> bool:
         return bool((self.latent_file < 0).any())
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether any sample trains with a loss mask (cached, or made online)."""
+        cached = self.mask_file is not None and bool((self.mask_file >= 0).any())
+        return cached or any(m is not None for m in self.online_masks)
+
+    def mask_image(self, i: int) -> str | None:
+        """The mask image of online sample ``i`` (None: no mask, or a cached sample)."""
+        if self.latent_file[i] >= 0 or not self.online_masks:
+            return None
+        return self.online_masks[int(self.latent_offset[i])]
 
     def bucket_labels(self) -> list[str]:
         return ["latent " + "x".join(map(str, shape)) for shape in self.bucket_shapes]

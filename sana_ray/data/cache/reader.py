@@ -9,9 +9,16 @@ dataset's size; ``benchmarks/data_scale.py`` measures it at real Sana shapes.
 
 ``cache_latents: false`` samples are loaded with the cache encoder's own image code (same resize,
 same crop, a random crop placed where the cache would place it) and encoded with the run's VAE,
-loaded once per worker on first use. An image that became unreadable after discovery is skipped:
-its place in the batch is taken by the batch's first readable sample (shapes stay equal on every
-rank), and it is counted in ``unreadable`` -- the run goes on.
+loaded once per worker on first use; their loss masks, if any, are made with the mask cache's
+own code (``images.load_mask``). An image (or its mask) that became unreadable after discovery
+is skipped: its place in the batch is taken by the batch's first readable sample (shapes stay
+equal on every rank), and it is counted in ``unreadable`` -- the run goes on.
+
+Objective extras, present only when they change the loss, so that a batch without them is
+exactly the batch of a run without the features: ``loss_mask [B, 1, h, w]`` when a sample of
+the batch has a mask that is not all white (samples without a mask get ones), and
+``loss_weight [B]`` when a sample's dataset has a ``loss_weight`` other than 1. The all-white
+check runs here, on the CPU, so the training loop never synchronizes with the GPU to make it.
 
 :class:`Prefetcher` prepares the next micro-batches in a background thread (a bounded queue of
 ``depth``), in exactly the order the loop consumes them, so the loop does not wait on disk (or on
@@ -37,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from sana_ray.data.cache import store
@@ -222,15 +230,22 @@ class CacheReader:
             raise RuntimeError("this data has online samples but no VAE to encode them with")
         return self.encoder
 
-    def _load_online_pixels(self, indices: list[int]) -> dict[int, torch.Tensor | str]:
-        """Pixels [3, H, W] of these online samples, or why an image could not be loaded."""
-        from sana_ray.data.images import Geometry, load_prepared
+    def _load_online_pixels(self, indices: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None] | str]:
+        """(pixels [3, H, W], loss mask [1, h, w] or None) of these online samples, or why an image
+        (or its mask) could not be loaded."""
+        from sana_ray.data.images import Geometry, load_mask, load_prepared
 
         cache = self.cache
 
-        def load(i: int) -> torch.Tensor | str:
+        def load(i: int) -> tuple[torch.Tensor, torch.Tensor | None] | str:
             try:
-                return load_prepared(cache.image_paths[i], Geometry.from_json(cache.online_geometry[cache.latent_offset[i]]))
+                geometry = Geometry.from_json(cache.online_geometry[cache.latent_offset[i]])
+                pixels = load_prepared(cache.image_paths[i], geometry)
+                mask_path = cache.mask_image(i)
+                if mask_path is None:
+                    return pixels, None
+                factor = geometry.size[0] // cache.bucket_shapes[self.buckets[i]][-1]  # the VAE's downsampling
+                return pixels, load_mask(mask_path, geometry, factor)
             except Exception as error:  # changed, damaged or deleted since discovery
                 return f"{type(error).__name__}: {error}"
 
@@ -264,12 +279,34 @@ class CacheReader:
         mask = torch.empty(len(indices), length, dtype=torch.int64)
         jobs = [(cache.files[cache.latent_file[i]], int(cache.latent_offset[i]), latents[b])
                 for b, i in enumerate(indices) if cache.latent_file[i] >= 0]
-        self._read(jobs + self._text_jobs(self.text_rows_for(indices, key), embeds, mask))  # one round of reads
+        loss_mask, mask_jobs = self._loss_mask(indices, latents.shape, pixels)
+        self._read(jobs + mask_jobs + self._text_jobs(self.text_rows_for(indices, key), embeds, mask))  # one round of reads
         positions = [b for b, i in enumerate(indices) if cache.latent_file[i] < 0]
         if positions:
-            stacked = torch.stack([pixels[indices[b]] for b in positions])
+            stacked = torch.stack([pixels[indices[b]][0] for b in positions])
             latents[positions] = self.latent_encoder().encode(stacked).to("cpu", self._latent_dtype)
-        return {"latents": latents, "prompt_embeds": embeds, "prompt_attention_mask": mask}
+        batch = {"latents": latents, "prompt_embeds": embeds, "prompt_attention_mask": mask}
+        if loss_mask is not None and not bool((loss_mask == 1).all()):  # all white: the unmasked loss, exactly
+            batch["loss_mask"] = loss_mask
+        if cache.loss_weights is not None:
+            weights = cache.loss_weights[indices]
+            if (weights != 1).any():
+                batch["loss_weight"] = torch.from_numpy(weights.astype(np.float32))
+        return batch
+
+    def _loss_mask(self, indices: list[int], shape: torch.Size, pixels: dict) -> tuple[torch.Tensor | None, list]:
+        """``(loss_mask [B, 1, h, w] or None, reads that fill its cached rows)``: ones where a sample
+        has no mask, online masks filled in already; None when no sample of the batch has a mask."""
+        cache = self.cache
+        cached = [b for b, i in enumerate(indices) if cache.mask_file is not None and cache.mask_file[i] >= 0]
+        online = [b for b, i in enumerate(indices) if cache.latent_file[i] < 0 and pixels[i][1] is not None]
+        if not cached and not online:
+            return None, []
+        loss_mask = torch.ones(shape[0], 1, *shape[2:], dtype=torch.float32)
+        for b in online:
+            loss_mask[b] = pixels[indices[b]][1]
+        jobs = [(cache.files[cache.mask_file[indices[b]]], int(cache.mask_offset[indices[b]]), loss_mask[b]) for b in cached]
+        return loss_mask, jobs
 
     def _replace_unreadable(self, indices: list[int], failed: set[int], pixels: dict) -> list[int]:
         cache = self.cache

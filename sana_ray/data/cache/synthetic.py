@@ -16,8 +16,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+from dataclasses import dataclass
+
 from sana_ray.data.cache import store
-from sana_ray.data.cache.build import _cache_set, _finish_folder, _Folder
+from sana_ray.data.cache.build import MASK_SHARD_SIZE, MASKS, _cache_set, _finish_folder, _Folder
 from sana_ray.data.cache.index import CacheSet
 from sana_ray.data.samples import DatasetReport, Sample
 
@@ -80,24 +82,65 @@ def write_latent_cache(folder: Path, image_paths: Sequence[str], latents: Iterab
     return images
 
 
+def write_mask_cache(folder: Path, image_paths: Sequence[str], masks: Iterable[torch.Tensor], *,
+                     shard_size: int = MASK_SHARD_SIZE) -> _Folder:
+    """A complete loss-mask folder: ``masks`` yields one float32 ``[1, h, w]`` in [0, 1] per image, in order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = _Folder(MASKS, "masks synthetic", folder.name, folder, list(image_paths), shard_size, {"factor": 1})
+    count = 0
+    for number, shard in enumerate(_shards(masks, shard_size)):
+        tensors = {f"masks.{row}": mask.to(torch.float32).clone() for row, mask in enumerate(shard)}  # one may repeat
+        _save(folder / store.shard_name(number), tensors, result.shard_items(number))
+        count += len(shard)
+    if count != len(result.items):
+        raise ValueError(f"{count} masks for {len(result.items)} images")
+    _finish_folder(result)
+    return result
+
+
 class _Dataset:
     """The dataset options ``_cache_set`` reads (a DatasetSpec would insist on a real folder of images)."""
 
-    def __init__(self, name: str, dropout: float, repeats: int = 0) -> None:
+    def __init__(self, name: str, dropout: float, repeats: int = 0, loss_weight: float = 1.0) -> None:
         self.name, self.caption_dropout_probability, self.repeats = name, dropout, repeats
-        self.probability, self.is_regularisation_data = 1.0, False
+        self.probability, self.is_regularisation_data, self.loss_weight = 1.0, False, loss_weight
+
+
+@dataclass
+class SyntheticDataset:
+    """One dataset of a synthetic CacheSet: image ``i`` of ``latents`` with the captions ``choices[i]``
+    (indices into the text cache's captions; the first is its first caption) and, with ``masks``,
+    the ``i``-th mask of that folder."""
+
+    latents: _Folder
+    choices: Sequence[Sequence[int]]
+    name: str = "synthetic"
+    dropout: float = 0.0
+    repeats: int = 0
+    loss_weight: float = 1.0
+    masks: _Folder | None = None
+
+
+def cache_set_of(text: _Folder, datasets: Sequence[SyntheticDataset]) -> CacheSet:
+    """The CacheSet of several synthetic datasets, in order (``dropout`` > 0 needs the empty caption
+    ``""`` among the text cache's captions)."""
+    captions = text.items
+    members, masks = [], {}
+    for d in datasets:
+        samples = [
+            Sample(dataset=d.name, image_path=path, caption=captions[rows[0]], captions=tuple(captions[r] for r in rows),
+                   mask=f"{path}.mask" if d.masks is not None else None)
+            for path, rows in zip(d.latents.items, d.choices)
+        ]
+        report = DatasetReport(dataset=d.name, found=len(samples), used=len(samples))
+        members.append(((_Dataset(d.name, d.dropout, d.repeats, d.loss_weight), samples, report), d.latents))
+        if d.masks is not None:
+            masks[d.name] = d.masks
+    return _cache_set(datasets[0].latents.path.parent.parent, text, members, lambda _line: None, masks=masks)
 
 
 def cache_set(text: _Folder, latents: _Folder, choices: Sequence[Sequence[int]], *, dataset: str = "synthetic",
-              dropout: float = 0.0, repeats: int = 0) -> CacheSet:
-    """The CacheSet of one synthetic dataset: image ``i`` of ``latents`` with the captions
-    ``choices[i]`` (indices into the text cache's captions; the first is its first caption).
-    ``dropout`` > 0 needs the empty caption ``""`` among the text cache's captions."""
-    captions = text.items
-    samples = [
-        Sample(dataset=dataset, image_path=path, caption=captions[rows[0]], captions=tuple(captions[r] for r in rows))
-        for path, rows in zip(latents.items, choices)
-    ]
-    report = DatasetReport(dataset=dataset, found=len(samples), used=len(samples))
-    member = ((_Dataset(dataset, dropout, repeats), samples, report), latents)
-    return _cache_set(latents.path.parent.parent, text, [member], lambda _line: None)
+              dropout: float = 0.0, repeats: int = 0, loss_weight: float = 1.0, masks: _Folder | None = None) -> CacheSet:
+    """The CacheSet of one synthetic dataset (see :class:`SyntheticDataset`)."""
+    return cache_set_of(text, [SyntheticDataset(latents, choices, dataset, dropout, repeats, loss_weight, masks)])
