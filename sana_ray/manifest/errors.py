@@ -8,6 +8,7 @@ error's ``type`` and ``ctx`` (not its English text) and the manifest's own model
 from __future__ import annotations
 
 import difflib
+import re
 import shlex
 import types
 import typing
@@ -392,6 +393,9 @@ def _without_union_tags(root: type[BaseModel], loc: Loc) -> Loc:
     return tuple(out)
 
 
+_ITEM = re.compile(r"item (\d+): ")
+
+
 def _normalize(root: type[BaseModel], err: dict) -> dict:
     """Reshape pydantic errors whose loc or type would mislead:
 
@@ -399,13 +403,21 @@ def _normalize(root: type[BaseModel], err: dict) -> dict:
     * a mapping key that is not a string (``1: x``) is reported on its mapping, naming the key
       (pydantic's loc ends in the key, which reads like a list index); ``_where`` keeps the key's place;
     * a fixed-length tuple given too few items is reported by pydantic as missing items
-      (``betas[1]: Field required``); report it on the list itself instead.
+      (``betas[1]: Field required``); report it on the list itself instead;
+    * a list item's own check (``values.check_value``: "item 0: expected a number ...") names the
+      item in the path (``betas[0]``) rather than in the message.
     """
     loc = tuple(err.get("loc", ()))
     stripped = _without_union_tags(root, loc)
     if stripped != loc:
         err = {**err, "loc": stripped, "_union": True}
         loc = stripped
+    if err.get("type") == "sana_item":
+        message, items = str(err.get("msg", "")), ()
+        while (index := _ITEM.match(message)) is not None:
+            items, message = (*items, int(index.group(1))), message[index.end():]
+        if items:
+            return {**err, "loc": (*loc, *items), "msg": message}
     if err.get("type") == "invalid_key" and loc:
         return {**err, "loc": loc[:-1], "_where": loc, "ctx": {"key": loc[-1]}}
     if len(loc) >= 2 and loc[-1] == "[key]":
